@@ -1,0 +1,3 @@
+//! # kho-alloc
+//!
+//! The memory half of kho (work in progress).

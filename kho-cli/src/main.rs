@@ -1,0 +1,4 @@
+//! The `kho` command (work in progress).
+#![forbid(unsafe_code)]
+
+fn main() {}
