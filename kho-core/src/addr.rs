@@ -197,6 +197,94 @@ impl Order {
     }
 }
 
+/// A byte range `[start, start + len)` inside an arena. Used for scratch and
+/// KFENCE ranges, extents, and metadata properties that point into the arena.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub struct PhysRange {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl PhysRange {
+    /// The range `[start, start + len)`.
+    #[inline]
+    pub const fn new(start: PhysAddr, len: u64) -> Self {
+        PhysRange {
+            start: start.0,
+            len,
+        }
+    }
+
+    /// First byte.
+    #[inline]
+    pub const fn start(self) -> PhysAddr {
+        PhysAddr(self.start)
+    }
+
+    /// One past the last byte, or `None` if that overflows.
+    #[inline]
+    pub const fn end(self) -> Option<PhysAddr> {
+        match self.start.checked_add(self.len) {
+            Some(e) => Some(PhysAddr(e)),
+            None => None,
+        }
+    }
+
+    /// Whether the range is empty.
+    #[inline]
+    pub const fn is_empty(self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `addr` lies inside.
+    #[inline]
+    pub const fn contains(self, addr: PhysAddr) -> bool {
+        addr.0 >= self.start && addr.0 - self.start < self.len
+    }
+
+    /// Whether the two ranges share at least one byte (saturating at the
+    /// top of the address space).
+    #[inline]
+    pub const fn overlaps(self, other: PhysRange) -> bool {
+        let a_end = self.start.saturating_add(self.len);
+        let b_end = other.start.saturating_add(other.len);
+        self.len != 0 && other.len != 0 && self.start < b_end && other.start < a_end
+    }
+
+    /// Whether both ends are page aligned.
+    #[inline]
+    pub const fn is_page_aligned(self) -> bool {
+        self.start & (PAGE_SIZE - 1) == 0 && self.len & (PAGE_SIZE - 1) == 0
+    }
+
+    /// The pages `[first, end)` this range touches, or `None` on overflow.
+    pub fn pfns(self) -> Option<(Pfn, Pfn)> {
+        let end = self.start.checked_add(self.len)?;
+        Some((Pfn(self.start >> PAGE_SHIFT), Pfn(end.div_ceil(PAGE_SIZE))))
+    }
+}
+
+impl fmt::Debug for PhysRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PhysRange({:#x}+{:#x})", self.start, self.len)
+    }
+}
+
+impl fmt::Display for PhysRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[{:#x}, {:#x})",
+            self.start,
+            self.start.saturating_add(self.len)
+        )
+    }
+}
+
 impl fmt::Debug for PhysAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PhysAddr({:#x})", self.0)
@@ -261,6 +349,17 @@ mod tests {
         assert_eq!(PhysAddr(5).checked_offset_from(PhysAddr(6)), None);
         assert_eq!(Order::new(MAX_MAP_ORDER + 1), None);
         assert_eq!(Order::new(18).unwrap().bytes(), 1 << 30);
+        let r = PhysRange::new(PhysAddr(0x1000), 0x2000);
+        assert_eq!(r.end(), Some(PhysAddr(0x3000)));
+        assert!(r.contains(PhysAddr(0x2fff)) && !r.contains(PhysAddr(0x3000)));
+        assert!(r.overlaps(PhysRange::new(PhysAddr(0x2fff), 1)));
+        assert!(!r.overlaps(PhysRange::new(PhysAddr(0x3000), 1)));
+        assert!(!r.overlaps(PhysRange::new(PhysAddr(0x1000), 0)));
+        assert_eq!(PhysRange::new(PhysAddr(u64::MAX), 2).end(), None);
+        assert_eq!(
+            PhysRange::new(PhysAddr(0x1800), 0x1000).pfns(),
+            Some((Pfn(1), Pfn(3)))
+        );
     }
 
     #[test]

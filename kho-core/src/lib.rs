@@ -22,7 +22,7 @@
 pub mod addr;
 pub mod memmap;
 
-pub use addr::{Order, Pfn, PhysAddr, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE};
+pub use addr::{Order, Pfn, PhysAddr, PhysRange, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE};
 pub use memmap::{
     decompose, BlockBits, BlockFolios, BlockWords, Folio, Folios, MapError, MapResult, PfnRange,
     PreservedMap, Ranges, BLOCK_BITS, BLOCK_WORDS,
