@@ -21,9 +21,13 @@
 
 pub mod addr;
 pub mod memmap;
+pub mod tree;
 
 pub use addr::{Order, Pfn, PhysAddr, PhysRange, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE};
 pub use memmap::{
     decompose, BlockBits, BlockFolios, BlockWords, Folio, Folios, MapError, MapResult, PfnRange,
     PreservedMap, Ranges, BLOCK_BITS, BLOCK_WORDS,
+};
+pub use tree::{
+    Node, NodeRef, Property, Tree, TreeError, TreeLimits, TreeResult, Value, TREE_VERSION,
 };

@@ -1,0 +1,1469 @@
+//! The metadata tree: named nodes, a `compatible` string each, and typed
+//! properties, carried in the `TREE` section of a handover image.
+//!
+//! It plays the part of the flattened device tree in Linux KHO: each
+//! subsystem that hands state over owns a node (`/kv-store`, compatible
+//! `"kv-store-v1"`) and records in it what its successor needs to find that
+//! state again. A property that points into the arena has its own type,
+//! [`Value::Range`], so a checker can prove that every pointer in the tree
+//! lands in preserved memory ([`Tree::ranges`]).
+//!
+//! ```
+//! use kho_core::tree::{Node, Tree, TreeLimits};
+//! use kho_core::{PhysAddr, PhysRange};
+//!
+//! let tree = Tree::new(
+//!     Node::root("kho-root-v1").with_child(
+//!         Node::new("kv-store", "kv-store-v1")
+//!             .with_u64("entries", 3)
+//!             .with_range("index", PhysRange::new(PhysAddr(0x10000), 0x2000)),
+//!     ),
+//! );
+//! let bytes = tree.encode()?;
+//! let back = Tree::decode(&bytes, &TreeLimits::default())?;
+//! let kv = back.node("/kv-store")?;
+//! kv.expect_compatible("kv-store-v1")?;
+//! assert_eq!(kv.u64_prop("entries")?, 3);
+//! assert_eq!(back, tree);
+//! # Ok::<(), kho_core::tree::TreeError>(())
+//! ```
+//!
+//! # Shape
+//!
+//! The root node's name is the empty string and its path is `/`; every other
+//! node's path is its parent's path, a `/` (omitted after the root) and its
+//! name: `/kv-store/shard0`. Node names and property names are 1 to
+//! [`TreeLimits::max_name_len`] bytes of UTF-8 without `/` or NUL, unique
+//! among siblings (node names) or within their node (property names). A
+//! `compatible` string is at most `max_name_len` bytes of UTF-8 and may be
+//! empty. The root sits at depth 0 and a child one deeper than its parent;
+//! a tree is accepted when no node is deeper than [`TreeLimits::max_depth`].
+//!
+//! # Wire format (`TREE` section, version 1)
+//!
+//! The encoding is [postcard] 1.x of this flat structure, the nodes listed in
+//! pre-order (a node, then each of its children's subtrees, in order):
+//!
+//! ```text
+//! struct WireTree   { version: u8, nodes: Vec<WireNode> }
+//! struct WireNode   { parent: u32, name: str, compatible: str, props: Vec<WireProp> }
+//! struct WireProp   { name: str, value: WireValue }
+//! enum   WireValue  { U64(u64) = 0, Bytes([u8]) = 1, Str(str) = 2, Range(PhysRange) = 3 }
+//! struct PhysRange  { start: u64, len: u64 }
+//! ```
+//!
+//! Postcard writes the fields of a struct one after another with no padding,
+//! tags or alignment; byte by byte that gives:
+//!
+//! ```text
+//! offset 0   u8       version, = 1 (TREE_VERSION), a plain byte
+//! offset 1   varint   node count N (>= 1; <= max_nodes)
+//! then N nodes, each:
+//!            varint   parent: pre-order index of the parent node; 0 for the
+//!                     root (node 0), which is its own nominal parent
+//!            varint   name length L, then L bytes of UTF-8 (root: L = 0)
+//!            varint   compatible length, then that many bytes of UTF-8
+//!            varint   property count P (<= max_props)
+//!            then P properties, each:
+//!                varint   name length, then the name's UTF-8 bytes
+//!                varint   type tag: 0 = u64, 1 = bytes, 2 = string, 3 = range
+//!                tag 0:   varint   the value
+//!                tag 1:   varint   length, then that many raw bytes
+//!                tag 2:   varint   length, then that many bytes of UTF-8
+//!                tag 3:   varint   start, varint len (arena byte offsets)
+//! nothing may follow the last node
+//! ```
+//!
+//! A varint is postcard's unsigned LEB128: seven value bits per byte, least
+//! significant group first, high bit set on every byte except the last; at
+//! most 5 bytes for a `u32` (parent, type tag) and 10 for a `u64` (counts,
+//! lengths, values). Decoding accepts only the minimal encoding, so each tree
+//! has exactly one encoding and `encode(decode(b)) == b` for every accepted `b`.
+//!
+//! Node `i > 0` names as its parent a node on the path from the root to node
+//! `i - 1` (that node itself or one of its ancestors) — exactly the nodes a
+//! pre-order listing can return to. Anything else is [`TreeError::BadParent`].
+//!
+//! # Decoding untrusted bytes
+//!
+//! [`Tree::decode`] checks the total length first, then reads the flat list
+//! with an explicit stack (never recursion), checks each claimed count
+//! against both its cap and the bytes left before reserving anything (a node
+//! takes at least 4 bytes, a property at least 4), checks name and value
+//! sizes while they are still borrowed from the input, and finally checks
+//! names, uniqueness and canonical form. Every rejection is its own
+//! [`TreeError`] variant. [`Tree::encode`] applies the same checks, so it never
+//! produces bytes that `decode` with the same limits would reject.
+//!
+//! Dropping a [`Node`] is iterative too. The derived `Clone`, `PartialEq`,
+//! `Debug` and `Serialize` implementations recurse once per level, which a
+//! decoded tree bounds by [`TreeLimits::max_depth`].
+
+use core::fmt;
+use std::collections::HashSet;
+
+use serde::ser::{SerializeStruct, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::addr::PhysRange;
+
+/// Version byte at offset 0 of every tree encoding written by this crate.
+pub const TREE_VERSION: u8 = 1;
+
+/// Smallest possible encoding of one node: parent, name length, compatible
+/// length and property count, one varint byte each.
+const MIN_NODE_BYTES: usize = 4;
+/// Smallest possible encoding of one property: name length, one name byte,
+/// type tag and a one-byte value.
+const MIN_PROP_BYTES: usize = 4;
+
+/// Caps applied by [`Tree::decode`] and [`Tree::encode_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TreeLimits {
+    /// Deepest accepted node; the root is at depth 0. Default 16.
+    pub max_depth: usize,
+    /// Most nodes in a tree, the root included. Default 4096.
+    pub max_nodes: usize,
+    /// Most properties on one node. Default 256.
+    pub max_props: usize,
+    /// Longest node name, property name or `compatible` string, in bytes.
+    /// Default 255.
+    pub max_name_len: usize,
+    /// Longest `bytes` or `string` property value, in bytes. Default 1 MiB.
+    pub max_value_len: usize,
+    /// Longest whole encoding, in bytes. Default 16 MiB.
+    pub max_encoded_bytes: usize,
+}
+
+impl TreeLimits {
+    /// The default caps, usable in `const` context.
+    pub const DEFAULT: TreeLimits = TreeLimits {
+        max_depth: 16,
+        max_nodes: 4096,
+        max_props: 256,
+        max_name_len: 255,
+        max_value_len: 1 << 20,
+        max_encoded_bytes: 16 << 20,
+    };
+}
+
+impl Default for TreeLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Why a tree was refused, or a lookup failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TreeError {
+    /// The encoding is longer than [`TreeLimits::max_encoded_bytes`].
+    #[error("tree encoding is {len:#x} bytes, more than the maximum {max:#x}")]
+    TooLarge {
+        /// Length of the encoding.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The bytes at `offset` are not a valid encoding of the expected field.
+    #[error("tree decode error at offset {offset:#x}: expected {what}, found {found}")]
+    Decode {
+        /// Byte offset of the field that failed to decode.
+        offset: usize,
+        /// The field that was expected there.
+        what: &'static str,
+        /// What was found instead.
+        found: &'static str,
+    },
+    /// A node lies deeper than [`TreeLimits::max_depth`].
+    #[error("node {path} is at depth {depth}, deeper than the maximum {max}")]
+    TooDeep {
+        /// Path of the offending node.
+        path: String,
+        /// Its depth (the root is at depth 0).
+        depth: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// More nodes than [`TreeLimits::max_nodes`].
+    #[error("tree has {found} nodes, more than the maximum {max}")]
+    TooManyNodes {
+        /// The number of nodes, as claimed by the encoding or counted.
+        found: u64,
+        /// The cap.
+        max: usize,
+    },
+    /// A node has more properties than [`TreeLimits::max_props`].
+    #[error("node {path} has {found} properties, more than the maximum {max}")]
+    TooManyProps {
+        /// Path of the node.
+        path: String,
+        /// The number of properties, as claimed or counted.
+        found: u64,
+        /// The cap.
+        max: usize,
+    },
+    /// A name or `compatible` string is longer than
+    /// [`TreeLimits::max_name_len`].
+    #[error("{what} in node {path} is {len} bytes long, more than the maximum {max}")]
+    NameTooLong {
+        /// Path of the node holding the string (for a node name: its parent).
+        path: String,
+        /// Which string: `"node name"`, `"compatible"` or `"property name"`.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// A node or property name is empty or contains `/` or NUL, or the root
+    /// node's name is not empty.
+    #[error("bad {what} {name:?} in node {path}: expected {expected}")]
+    BadName {
+        /// Path of the node holding the name (for a node name: its parent).
+        path: String,
+        /// Which name: `"node name"`, `"root name"` or `"property name"`.
+        what: &'static str,
+        /// The rule the name breaks.
+        expected: &'static str,
+        /// The offending name.
+        name: String,
+    },
+    /// Two children of one node, or two properties of one node, share a name.
+    #[error("duplicate {what} {name:?} in node {path}")]
+    DuplicateName {
+        /// Path of the node whose children or properties collide.
+        path: String,
+        /// `"child node"` or `"property"`.
+        what: &'static str,
+        /// The repeated name.
+        name: String,
+    },
+    /// A `bytes` or `string` value is longer than
+    /// [`TreeLimits::max_value_len`].
+    #[error("property {prop:?} of node {path} holds {len} bytes, more than the maximum {max}")]
+    ValueTooLarge {
+        /// Path of the node.
+        path: String,
+        /// Name of the property.
+        prop: String,
+        /// Length of the value in bytes.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// Node `index` names a parent that a pre-order listing cannot have at
+    /// that point (not the previous node or one of its ancestors; not 0 for
+    /// the root).
+    #[error("node {index} names parent {parent}, which is not an open ancestor")]
+    BadParent {
+        /// Pre-order index of the node.
+        index: u64,
+        /// The parent index it names.
+        parent: u32,
+    },
+    /// Bytes remain after the last node.
+    #[error("{len} trailing bytes after the tree at offset {offset:#x}")]
+    TrailingBytes {
+        /// Offset of the first trailing byte.
+        offset: usize,
+        /// Number of trailing bytes.
+        len: usize,
+    },
+    /// The version byte is not [`TREE_VERSION`].
+    #[error("unsupported tree version {found}, expected {expected}")]
+    UnsupportedVersion {
+        /// The version byte found.
+        found: u8,
+        /// The version this crate reads.
+        expected: u8,
+    },
+    /// A required property is absent.
+    #[error("node {path} has no property {prop:?}")]
+    Missing {
+        /// Path of the node.
+        path: String,
+        /// Name of the property.
+        prop: String,
+    },
+    /// A property has another type than the one asked for.
+    #[error("property {prop:?} of node {path} is a {found}, expected a {expected}")]
+    WrongType {
+        /// Path of the node.
+        path: String,
+        /// Name of the property.
+        prop: String,
+        /// The type asked for.
+        expected: &'static str,
+        /// The type it has.
+        found: &'static str,
+    },
+    /// A node's `compatible` string is not the one expected.
+    #[error("node {path} is compatible with {found:?}, expected {expected:?}")]
+    Incompatible {
+        /// Path of the node.
+        path: String,
+        /// The compatible string expected.
+        expected: String,
+        /// The compatible string found.
+        found: String,
+    },
+    /// No node at this path.
+    #[error("no node at path {path:?}")]
+    NotFound {
+        /// The path looked up.
+        path: String,
+    },
+    /// The serializer failed while writing an encoding.
+    #[error("tree encoding failed: {found}")]
+    Encode {
+        /// The serializer's complaint.
+        found: &'static str,
+    },
+}
+
+/// Result alias for tree operations.
+pub type TreeResult<T> = Result<T, TreeError>;
+
+/// A typed property value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Value {
+    /// An unsigned integer.
+    U64(u64),
+    /// Opaque bytes.
+    Bytes(Vec<u8>),
+    /// A UTF-8 string.
+    Str(String),
+    /// A byte range in the arena; a checker verifies it lies in preserved
+    /// memory.
+    Range(PhysRange),
+}
+
+impl Value {
+    /// The type's name as printed in dumps and errors: `"u64"`, `"bytes"`,
+    /// `"string"` or `"range"`.
+    pub const fn type_name(&self) -> &'static str {
+        match self {
+            Value::U64(_) => "u64",
+            Value::Bytes(_) => "bytes",
+            Value::Str(_) => "string",
+            Value::Range(_) => "range",
+        }
+    }
+
+    /// The integer, if this is a [`Value::U64`].
+    pub const fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::U64(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The bytes, if this is a [`Value::Bytes`].
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::Bytes(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The string, if this is a [`Value::Str`].
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The range, if this is a [`Value::Range`].
+    pub const fn as_range(&self) -> Option<PhysRange> {
+        match self {
+            Value::Range(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// Length of a `bytes` or `string` payload, the quantity capped by
+    /// [`TreeLimits::max_value_len`]; 0 for fixed-size values.
+    fn payload_len(&self) -> usize {
+        match self {
+            Value::Bytes(b) => b.len(),
+            Value::Str(s) => s.len(),
+            Value::U64(_) | Value::Range(_) => 0,
+        }
+    }
+}
+
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::U64(v)
+    }
+}
+
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Self {
+        Value::Bytes(v)
+    }
+}
+
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Self {
+        Value::Bytes(v.to_vec())
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Str(v)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Str(v.to_owned())
+    }
+}
+
+impl From<PhysRange> for Value {
+    fn from(v: PhysRange) -> Self {
+        Value::Range(v)
+    }
+}
+
+impl fmt::Display for Value {
+    /// The value as it appears in a dump: `<0x2a>`, `"text"`,
+    /// `[de ad be ef]` (the first 64 bytes, then the length),
+    /// `<range 0x1000 +0x2000>` (start and length).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 64;
+        match self {
+            Value::U64(v) => write!(f, "<{v:#x}>"),
+            Value::Str(s) => write!(f, "{s:?}"),
+            Value::Range(r) => write!(f, "<range {:#x} +{:#x}>", r.start, r.len),
+            Value::Bytes(b) => {
+                f.write_str("[")?;
+                for (i, byte) in b.iter().take(SHOWN).enumerate() {
+                    if i > 0 {
+                        f.write_str(" ")?;
+                    }
+                    write!(f, "{byte:02x}")?;
+                }
+                if b.len() > SHOWN {
+                    write!(f, " ...] /* {} bytes */", b.len())
+                } else {
+                    f.write_str("]")
+                }
+            }
+        }
+    }
+}
+
+/// A named, typed property of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Property {
+    /// The name, unique within its node.
+    pub name: String,
+    /// The value.
+    pub value: Value,
+}
+
+impl Property {
+    /// A property named `name` holding `value`.
+    pub fn new(name: impl Into<String>, value: impl Into<Value>) -> Self {
+        Property {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+}
+
+impl Serialize for Property {
+    /// `{"name": ..., "type": "u64" | "bytes" | "string" | "range", "value": ...}`
+    /// with bytes as a lowercase hex string and a range as
+    /// `{"start": ..., "len": ...}`.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Property", 3)?;
+        s.serialize_field("name", &self.name)?;
+        s.serialize_field("type", self.value.type_name())?;
+        match &self.value {
+            Value::U64(v) => s.serialize_field("value", v)?,
+            Value::Str(v) => s.serialize_field("value", v)?,
+            Value::Range(v) => s.serialize_field("value", v)?,
+            Value::Bytes(v) => s.serialize_field("value", &hex(v))?,
+        }
+        s.end()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// A node of the metadata tree.
+///
+/// Fields are public for direct construction and editing; [`Tree::encode`]
+/// checks every rule listed in the [module docs](self) before writing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize)]
+pub struct Node {
+    /// The name, unique among siblings; empty only for the root.
+    pub name: String,
+    /// What the node's contents follow, e.g. `"kv-store-v1"`.
+    pub compatible: String,
+    /// Properties, in insertion order.
+    pub props: Vec<Property>,
+    /// Child nodes, in insertion order.
+    pub children: Vec<Node>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Flatten the subtree so that no drop recurses more than one level,
+        // however deep the tree.
+        let mut pending = core::mem::take(&mut self.children);
+        while let Some(mut node) = pending.pop() {
+            pending.append(&mut node.children);
+        }
+    }
+}
+
+impl Node {
+    /// A node with no properties or children.
+    pub fn new(name: impl Into<String>, compatible: impl Into<String>) -> Self {
+        Node {
+            name: name.into(),
+            compatible: compatible.into(),
+            props: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// A root node: empty name, the given `compatible`.
+    pub fn root(compatible: impl Into<String>) -> Self {
+        Node::new("", compatible)
+    }
+
+    /// Set property `name` to `value`, replacing a property of that name.
+    pub fn set_prop(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        let name = name.into();
+        let value = value.into();
+        match self.props.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.value = value,
+            None => self.props.push(Property { name, value }),
+        }
+    }
+
+    /// Remove property `name`, returning its value.
+    pub fn remove_prop(&mut self, name: &str) -> Option<Value> {
+        let i = self.props.iter().position(|p| p.name == name)?;
+        Some(self.props.remove(i).value)
+    }
+
+    /// Append a child node.
+    pub fn push_child(&mut self, child: Node) {
+        self.children.push(child);
+    }
+
+    /// Builder form of [`Node::set_prop`].
+    #[must_use]
+    pub fn with_prop(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.set_prop(name, value);
+        self
+    }
+
+    /// Builder: set a `u64` property.
+    #[must_use]
+    pub fn with_u64(self, name: impl Into<String>, value: u64) -> Self {
+        self.with_prop(name, Value::U64(value))
+    }
+
+    /// Builder: set a `bytes` property.
+    #[must_use]
+    pub fn with_bytes(self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.with_prop(name, Value::Bytes(value.into()))
+    }
+
+    /// Builder: set a `string` property.
+    #[must_use]
+    pub fn with_str(self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.with_prop(name, Value::Str(value.into()))
+    }
+
+    /// Builder: set a `range` property pointing into the arena.
+    #[must_use]
+    pub fn with_range(self, name: impl Into<String>, value: PhysRange) -> Self {
+        self.with_prop(name, Value::Range(value))
+    }
+
+    /// Builder: append a child node.
+    #[must_use]
+    pub fn with_child(mut self, child: Node) -> Self {
+        self.children.push(child);
+        self
+    }
+
+    /// The child called `name`.
+    pub fn child(&self, name: &str) -> Option<&Node> {
+        self.children.iter().find(|c| c.name == name)
+    }
+
+    /// The child called `name`, mutably.
+    pub fn child_mut(&mut self, name: &str) -> Option<&mut Node> {
+        self.children.iter_mut().find(|c| c.name == name)
+    }
+
+    /// The property called `name`.
+    pub fn prop(&self, name: &str) -> Option<&Property> {
+        self.props.iter().find(|p| p.name == name)
+    }
+
+    /// The value of the property called `name`.
+    pub fn value(&self, name: &str) -> Option<&Value> {
+        self.prop(name).map(|p| &p.value)
+    }
+
+    /// The `u64` property `name`. Errors name this node by its own name;
+    /// [`NodeRef`] reports full paths.
+    pub fn u64_prop(&self, name: &str) -> TreeResult<u64> {
+        self.typed(self.label(), name, "u64", Value::as_u64)
+    }
+
+    /// The `bytes` property `name`.
+    pub fn bytes_prop(&self, name: &str) -> TreeResult<&[u8]> {
+        self.typed(self.label(), name, "bytes", Value::as_bytes)
+    }
+
+    /// The `string` property `name`.
+    pub fn str_prop(&self, name: &str) -> TreeResult<&str> {
+        self.typed(self.label(), name, "string", Value::as_str)
+    }
+
+    /// The `range` property `name`.
+    pub fn range_prop(&self, name: &str) -> TreeResult<PhysRange> {
+        self.typed(self.label(), name, "range", Value::as_range)
+    }
+
+    /// `Ok` if this node's `compatible` is exactly `expected`.
+    pub fn expect_compatible(&self, expected: &str) -> TreeResult<()> {
+        self.check_compatible(self.label(), expected)
+    }
+
+    fn label(&self) -> &str {
+        if self.name.is_empty() {
+            "/"
+        } else {
+            &self.name
+        }
+    }
+
+    fn typed<'a, T>(
+        &'a self,
+        path: &str,
+        name: &str,
+        expected: &'static str,
+        get: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> TreeResult<T> {
+        let value = self.value(name).ok_or_else(|| TreeError::Missing {
+            path: path.to_owned(),
+            prop: name.to_owned(),
+        })?;
+        get(value).ok_or_else(|| TreeError::WrongType {
+            path: path.to_owned(),
+            prop: name.to_owned(),
+            expected,
+            found: value.type_name(),
+        })
+    }
+
+    fn check_compatible(&self, path: &str, expected: &str) -> TreeResult<()> {
+        if self.compatible == expected {
+            Ok(())
+        } else {
+            Err(TreeError::Incompatible {
+                path: path.to_owned(),
+                expected: expected.to_owned(),
+                found: self.compatible.clone(),
+            })
+        }
+    }
+}
+
+/// A node together with its path from the root, as returned by
+/// [`Tree::node`]. Dereferences to [`Node`]; its typed getters report the
+/// full path in errors.
+#[derive(Debug, Clone)]
+pub struct NodeRef<'a> {
+    path: String,
+    node: &'a Node,
+}
+
+impl<'a> NodeRef<'a> {
+    /// The node's path, `/` for the root.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The node itself, with the tree's lifetime.
+    pub fn node(&self) -> &'a Node {
+        self.node
+    }
+
+    /// The child called `name`, with its path.
+    pub fn child(&self, name: &str) -> Option<NodeRef<'a>> {
+        let node = self.node.child(name)?;
+        Some(NodeRef {
+            path: join(&self.path, &node.name),
+            node,
+        })
+    }
+
+    /// The children, each with its path.
+    pub fn children(&self) -> impl Iterator<Item = NodeRef<'a>> + '_ {
+        self.node.children.iter().map(move |node| NodeRef {
+            path: join(&self.path, &node.name),
+            node,
+        })
+    }
+
+    /// The `u64` property `name`.
+    pub fn u64_prop(&self, name: &str) -> TreeResult<u64> {
+        self.node.typed(&self.path, name, "u64", Value::as_u64)
+    }
+
+    /// The `bytes` property `name`.
+    pub fn bytes_prop(&self, name: &str) -> TreeResult<&'a [u8]> {
+        self.node.typed(&self.path, name, "bytes", Value::as_bytes)
+    }
+
+    /// The `string` property `name`.
+    pub fn str_prop(&self, name: &str) -> TreeResult<&'a str> {
+        self.node.typed(&self.path, name, "string", Value::as_str)
+    }
+
+    /// The `range` property `name`.
+    pub fn range_prop(&self, name: &str) -> TreeResult<PhysRange> {
+        self.node.typed(&self.path, name, "range", Value::as_range)
+    }
+
+    /// `Ok` if the node's `compatible` is exactly `expected`, else
+    /// [`TreeError::Incompatible`] naming this path.
+    pub fn expect_compatible(&self, expected: &str) -> TreeResult<()> {
+        self.node.check_compatible(&self.path, expected)
+    }
+}
+
+impl core::ops::Deref for NodeRef<'_> {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        self.node
+    }
+}
+
+/// The path of child `name` under the node at `parent`.
+fn join(parent: &str, name: &str) -> String {
+    let mut path = String::with_capacity(parent.len() + 1 + name.len());
+    path.push_str(parent);
+    if !parent.ends_with('/') {
+        path.push('/');
+    }
+    path.push_str(name);
+    path
+}
+
+/// The metadata tree: a root [`Node`] whose name is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(transparent)]
+pub struct Tree {
+    root: Node,
+}
+
+impl Tree {
+    /// A tree with this root. The root's name should be empty (see
+    /// [`Node::root`]); [`Tree::encode`] refuses any other.
+    pub fn new(root: Node) -> Self {
+        Tree { root }
+    }
+
+    /// The root node.
+    pub fn root(&self) -> &Node {
+        &self.root
+    }
+
+    /// The root node, mutably.
+    pub fn root_mut(&mut self) -> &mut Node {
+        &mut self.root
+    }
+
+    /// The root node, by value.
+    pub fn into_root(self) -> Node {
+        self.root
+    }
+
+    /// The node at `path`: `/` is the root, `/a/b` the child `b` of the
+    /// root's child `a`. Empty components (`//`, a trailing `/`) are
+    /// ignored; a path that does not start with `/` is not found.
+    pub fn node(&self, path: &str) -> TreeResult<NodeRef<'_>> {
+        let not_found = || TreeError::NotFound {
+            path: path.to_owned(),
+        };
+        let rest = path.strip_prefix('/').ok_or_else(not_found)?;
+        let mut at = NodeRef {
+            path: String::from("/"),
+            node: &self.root,
+        };
+        for name in rest.split('/').filter(|s| !s.is_empty()) {
+            at = at.child(name).ok_or_else(not_found)?;
+        }
+        Ok(at)
+    }
+
+    /// Every node with its path, in pre-order, without recursion.
+    pub fn walk(&self) -> Walk<'_> {
+        Walk {
+            stack: vec![(String::from("/"), &self.root)],
+        }
+    }
+
+    /// Every [`Value::Range`] property as (node path, property name, range),
+    /// in pre-order of nodes and insertion order of properties.
+    pub fn ranges(&self) -> impl Iterator<Item = (String, &str, PhysRange)> + '_ {
+        self.walk().flat_map(|(path, node)| {
+            node.props.iter().filter_map(move |p| {
+                p.value
+                    .as_range()
+                    .map(|r| (path.clone(), p.name.as_str(), r))
+            })
+        })
+    }
+
+    /// Number of nodes, the root included.
+    pub fn node_count(&self) -> usize {
+        let mut count = 0usize;
+        let mut stack = vec![&self.root];
+        while let Some(node) = stack.pop() {
+            count += 1;
+            stack.extend(node.children.iter());
+        }
+        count
+    }
+
+    /// Depth of the deepest node (0 for a lone root).
+    pub fn depth(&self) -> usize {
+        let mut max = 0;
+        let mut stack = vec![(&self.root, 0usize)];
+        while let Some((node, depth)) = stack.pop() {
+            max = max.max(depth);
+            stack.extend(node.children.iter().map(|c| (c, depth + 1)));
+        }
+        max
+    }
+
+    /// Encode with the default limits, refusing a tree that
+    /// [`Tree::decode`] with [`TreeLimits::default`] would reject.
+    pub fn encode(&self) -> TreeResult<Vec<u8>> {
+        self.encode_with(&TreeLimits::DEFAULT)
+    }
+
+    /// Encode, refusing a tree that [`Tree::decode`] with `limits` would
+    /// reject.
+    pub fn encode_with(&self, limits: &TreeLimits) -> TreeResult<Vec<u8>> {
+        let nodes = self.flatten(limits)?;
+        let wire = WireTree {
+            version: TREE_VERSION,
+            nodes,
+        };
+        let bytes = postcard::to_allocvec(&wire).map_err(|e| TreeError::Encode {
+            found: postcard_fault(&e),
+        })?;
+        if bytes.len() > limits.max_encoded_bytes {
+            return Err(TreeError::TooLarge {
+                len: bytes.len(),
+                max: limits.max_encoded_bytes,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decode and validate untrusted bytes; see the [module docs](self) for
+    /// the format and the order of checks. Allocates in proportion to
+    /// `bytes.len()` only, and never recurses.
+    pub fn decode(bytes: &[u8], limits: &TreeLimits) -> TreeResult<Tree> {
+        if bytes.len() > limits.max_encoded_bytes {
+            return Err(TreeError::TooLarge {
+                len: bytes.len(),
+                max: limits.max_encoded_bytes,
+            });
+        }
+        let mut r = Reader {
+            input: bytes,
+            pos: 0,
+        };
+        let version: u8 = r.take("version byte")?;
+        if version != TREE_VERSION {
+            return Err(TreeError::UnsupportedVersion {
+                found: version,
+                expected: TREE_VERSION,
+            });
+        }
+        let count_at = r.pos;
+        let count: u64 = r.take("node count")?;
+        if count == 0 {
+            return Err(TreeError::Decode {
+                offset: count_at,
+                what: "node count >= 1",
+                found: "0 (no root node)",
+            });
+        }
+        if count > limits.max_nodes as u64 {
+            return Err(TreeError::TooManyNodes {
+                found: count,
+                max: limits.max_nodes,
+            });
+        }
+        if count > (r.remaining() / MIN_NODE_BYTES) as u64 {
+            return Err(TreeError::Decode {
+                offset: count_at,
+                what: "node count that fits the remaining input",
+                found: "more nodes than the remaining bytes can hold",
+            });
+        }
+
+        // The path from the root to the last node read; each entry is
+        // (pre-order index, node still collecting children).
+        let mut open: Vec<(u32, Node)> = Vec::new();
+        for index in 0..count {
+            let parent: u32 = r.take("parent index")?;
+            if index == 0 {
+                if parent != 0 {
+                    return Err(TreeError::BadParent { index, parent });
+                }
+            } else {
+                let at = open
+                    .iter()
+                    .rposition(|(i, _)| *i == parent)
+                    .ok_or(TreeError::BadParent { index, parent })?;
+                close_to(&mut open, at + 1);
+            }
+            let depth = open.len();
+            let name: &str = r.take("node name")?;
+            let path = || open_path(&open, name);
+            if depth > limits.max_depth {
+                return Err(TreeError::TooDeep {
+                    path: path(),
+                    depth,
+                    max: limits.max_depth,
+                });
+            }
+            if name.len() > limits.max_name_len {
+                return Err(TreeError::NameTooLong {
+                    path: open_path_parent(&open),
+                    what: "node name",
+                    len: name.len(),
+                    max: limits.max_name_len,
+                });
+            }
+            let compatible: &str = r.take("compatible string")?;
+            if compatible.len() > limits.max_name_len {
+                return Err(TreeError::NameTooLong {
+                    path: path(),
+                    what: "compatible",
+                    len: compatible.len(),
+                    max: limits.max_name_len,
+                });
+            }
+            let props_at = r.pos;
+            let nprops: u64 = r.take("property count")?;
+            if nprops > limits.max_props as u64 {
+                return Err(TreeError::TooManyProps {
+                    path: path(),
+                    found: nprops,
+                    max: limits.max_props,
+                });
+            }
+            if nprops > (r.remaining() / MIN_PROP_BYTES) as u64 {
+                return Err(TreeError::Decode {
+                    offset: props_at,
+                    what: "property count that fits the remaining input",
+                    found: "more properties than the remaining bytes can hold",
+                });
+            }
+            // Bounded by both the cap and the input length, checked above.
+            let mut props = Vec::with_capacity(nprops as usize);
+            for _ in 0..nprops {
+                let prop: WireProp<'_> = r.take("property")?;
+                if prop.name.len() > limits.max_name_len {
+                    return Err(TreeError::NameTooLong {
+                        path: path(),
+                        what: "property name",
+                        len: prop.name.len(),
+                        max: limits.max_name_len,
+                    });
+                }
+                let len = prop.value.payload_len();
+                if len > limits.max_value_len {
+                    return Err(TreeError::ValueTooLarge {
+                        path: path(),
+                        prop: prop.name.to_owned(),
+                        len,
+                        max: limits.max_value_len,
+                    });
+                }
+                props.push(prop.to_property());
+            }
+            let node = Node {
+                name: name.to_owned(),
+                compatible: compatible.to_owned(),
+                props,
+                children: Vec::new(),
+            };
+            // `index < count <= max_nodes`, and the parent field is a u32,
+            // so an index that does not fit could never be named as one.
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            open.push((index, node));
+        }
+        if r.remaining() > 0 {
+            return Err(TreeError::TrailingBytes {
+                offset: r.pos,
+                len: r.remaining(),
+            });
+        }
+        close_to(&mut open, 1);
+        let root = match open.pop() {
+            Some((_, root)) => root,
+            None => {
+                return Err(TreeError::Decode {
+                    offset: count_at,
+                    what: "root node",
+                    found: "none",
+                })
+            }
+        };
+        let tree = Tree { root };
+
+        // Names, uniqueness and the root's name; then canonical form, which
+        // leaves non-minimal varints as the only possible difference.
+        let canonical = tree.encode_with(limits)?;
+        if let Some(offset) = canonical.iter().zip(bytes).position(|(a, b)| a != b) {
+            return Err(TreeError::Decode {
+                offset,
+                what: "minimal varint encoding",
+                found: "a non-canonical encoding",
+            });
+        }
+        if canonical.len() != bytes.len() {
+            return Err(TreeError::Decode {
+                offset: canonical.len().min(bytes.len()),
+                what: "minimal varint encoding",
+                found: "a non-canonical encoding",
+            });
+        }
+        Ok(tree)
+    }
+
+    /// Check every rule and list the nodes in wire form, pre-order, without
+    /// recursion.
+    fn flatten(&self, limits: &TreeLimits) -> TreeResult<Vec<WireNode<'_>>> {
+        let mut out: Vec<WireNode<'_>> = Vec::new();
+        // (node, parent index, depth, path)
+        let mut stack: Vec<(&Node, u32, usize, String)> =
+            vec![(&self.root, 0, 0, String::from("/"))];
+        while let Some((node, parent, depth, path)) = stack.pop() {
+            let index = out.len();
+            if index >= limits.max_nodes {
+                return Err(TreeError::TooManyNodes {
+                    found: self.node_count() as u64,
+                    max: limits.max_nodes,
+                });
+            }
+            let index = u32::try_from(index).map_err(|_| TreeError::TooManyNodes {
+                found: self.node_count() as u64,
+                max: u32::MAX as usize,
+            })?;
+            if depth > limits.max_depth {
+                return Err(TreeError::TooDeep {
+                    path,
+                    depth,
+                    max: limits.max_depth,
+                });
+            }
+            check_node(node, index == 0, &path, limits)?;
+            out.push(WireNode {
+                parent,
+                name: &node.name,
+                compatible: &node.compatible,
+                props: node.props.iter().map(WireProp::from_property).collect(),
+            });
+            for child in node.children.iter().rev() {
+                stack.push((child, index, depth + 1, join(&path, &child.name)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Attach every open node above `keep` entries to its parent.
+fn close_to(open: &mut Vec<(u32, Node)>, keep: usize) {
+    while open.len() > keep {
+        let Some((_, node)) = open.pop() else { return };
+        if let Some((_, parent)) = open.last_mut() {
+            parent.children.push(node);
+        }
+    }
+}
+
+/// Path of a node called `name` whose ancestors are `open`.
+fn open_path(open: &[(u32, Node)], name: &str) -> String {
+    join(&open_path_parent(open), name)
+}
+
+/// Path of the last node in `open`.
+fn open_path_parent(open: &[(u32, Node)]) -> String {
+    let mut path = String::from("/");
+    for (_, node) in open.iter().skip(1) {
+        path = join(&path, &node.name);
+    }
+    path
+}
+
+/// The per-node rules: names, lengths, counts, uniqueness.
+fn check_node(node: &Node, is_root: bool, path: &str, limits: &TreeLimits) -> TreeResult<()> {
+    let parent_path = || match path.rfind('/') {
+        Some(0) | None => String::from("/"),
+        Some(i) => path[..i].to_owned(),
+    };
+    if is_root {
+        if !node.name.is_empty() {
+            return Err(TreeError::BadName {
+                path: String::from("/"),
+                what: "root name",
+                expected: "the empty string",
+                name: node.name.clone(),
+            });
+        }
+    } else {
+        if node.name.len() > limits.max_name_len {
+            return Err(TreeError::NameTooLong {
+                path: parent_path(),
+                what: "node name",
+                len: node.name.len(),
+                max: limits.max_name_len,
+            });
+        }
+        if let Some(expected) = name_fault(&node.name) {
+            return Err(TreeError::BadName {
+                path: parent_path(),
+                what: "node name",
+                expected,
+                name: node.name.clone(),
+            });
+        }
+    }
+    if node.compatible.len() > limits.max_name_len {
+        return Err(TreeError::NameTooLong {
+            path: path.to_owned(),
+            what: "compatible",
+            len: node.compatible.len(),
+            max: limits.max_name_len,
+        });
+    }
+    if node.props.len() > limits.max_props {
+        return Err(TreeError::TooManyProps {
+            path: path.to_owned(),
+            found: node.props.len() as u64,
+            max: limits.max_props,
+        });
+    }
+    let mut seen = HashSet::with_capacity(node.props.len());
+    for prop in &node.props {
+        if prop.name.len() > limits.max_name_len {
+            return Err(TreeError::NameTooLong {
+                path: path.to_owned(),
+                what: "property name",
+                len: prop.name.len(),
+                max: limits.max_name_len,
+            });
+        }
+        if let Some(expected) = name_fault(&prop.name) {
+            return Err(TreeError::BadName {
+                path: path.to_owned(),
+                what: "property name",
+                expected,
+                name: prop.name.clone(),
+            });
+        }
+        if !seen.insert(prop.name.as_str()) {
+            return Err(TreeError::DuplicateName {
+                path: path.to_owned(),
+                what: "property",
+                name: prop.name.clone(),
+            });
+        }
+        let len = prop.value.payload_len();
+        if len > limits.max_value_len {
+            return Err(TreeError::ValueTooLarge {
+                path: path.to_owned(),
+                prop: prop.name.clone(),
+                len,
+                max: limits.max_value_len,
+            });
+        }
+    }
+    let mut seen = HashSet::with_capacity(node.children.len());
+    for child in &node.children {
+        if !seen.insert(child.name.as_str()) {
+            return Err(TreeError::DuplicateName {
+                path: path.to_owned(),
+                what: "child node",
+                name: child.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The rule a node or property name breaks, if any.
+fn name_fault(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("a non-empty name")
+    } else if name.contains('/') {
+        Some("a name without '/'")
+    } else if name.contains('\0') {
+        Some("a name without NUL")
+    } else {
+        None
+    }
+}
+
+/// A cursor over the input that names the offset of every failure.
+struct Reader<'a> {
+    input: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.input.len().saturating_sub(self.pos)
+    }
+
+    fn take<T: Deserialize<'a>>(&mut self, what: &'static str) -> TreeResult<T> {
+        let rest = self.input.get(self.pos..).unwrap_or(&[]);
+        match postcard::take_from_bytes::<T>(rest) {
+            Ok((value, tail)) => {
+                self.pos = self.input.len() - tail.len();
+                Ok(value)
+            }
+            Err(e) => Err(TreeError::Decode {
+                offset: self.pos,
+                what,
+                found: postcard_fault(&e),
+            }),
+        }
+    }
+}
+
+fn postcard_fault(e: &postcard::Error) -> &'static str {
+    use postcard::Error as E;
+    match e {
+        E::DeserializeUnexpectedEnd => "end of input",
+        E::DeserializeBadVarint => "a malformed or out-of-range varint",
+        E::DeserializeBadUtf8 => "invalid UTF-8",
+        E::DeserializeBadEnum => "an enum tag above u32::MAX",
+        E::SerdeDeCustom => "an invalid value (e.g. an unknown property type tag)",
+        E::DeserializeBadBool | E::DeserializeBadChar | E::DeserializeBadOption => {
+            "an invalid primitive"
+        }
+        _ => "a malformed encoding",
+    }
+}
+
+/// The flat form written to the `TREE` section; see the module docs.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct WireTree<'a> {
+    version: u8,
+    #[serde(borrow)]
+    nodes: Vec<WireNode<'a>>,
+}
+
+/// One node of the pre-order listing.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct WireNode<'a> {
+    parent: u32,
+    name: &'a str,
+    compatible: &'a str,
+    #[serde(borrow)]
+    props: Vec<WireProp<'a>>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct WireProp<'a> {
+    name: &'a str,
+    #[serde(borrow)]
+    value: WireValue<'a>,
+}
+
+/// Variant order is the wire tag: do not reorder.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum WireValue<'a> {
+    U64(u64),
+    Bytes(&'a [u8]),
+    Str(&'a str),
+    Range(PhysRange),
+}
+
+impl<'a> WireProp<'a> {
+    fn from_property(p: &'a Property) -> Self {
+        let value = match &p.value {
+            Value::U64(v) => WireValue::U64(*v),
+            Value::Bytes(v) => WireValue::Bytes(v),
+            Value::Str(v) => WireValue::Str(v),
+            Value::Range(v) => WireValue::Range(*v),
+        };
+        WireProp {
+            name: &p.name,
+            value,
+        }
+    }
+
+    fn to_property(&self) -> Property {
+        let value = match self.value {
+            WireValue::U64(v) => Value::U64(v),
+            WireValue::Bytes(v) => Value::Bytes(v.to_vec()),
+            WireValue::Str(v) => Value::Str(v.to_owned()),
+            WireValue::Range(v) => Value::Range(v),
+        };
+        Property {
+            name: self.name.to_owned(),
+            value,
+        }
+    }
+}
+
+impl WireValue<'_> {
+    fn payload_len(&self) -> usize {
+        match self {
+            WireValue::Bytes(b) => b.len(),
+            WireValue::Str(s) => s.len(),
+            WireValue::U64(_) | WireValue::Range(_) => 0,
+        }
+    }
+}
+
+/// Pre-order iterator over a tree's nodes and their paths; see
+/// [`Tree::walk`].
+#[derive(Debug, Clone)]
+pub struct Walk<'a> {
+    stack: Vec<(String, &'a Node)>,
+}
+
+impl<'a> Iterator for Walk<'a> {
+    type Item = (String, &'a Node);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (path, node) = self.stack.pop()?;
+        for child in node.children.iter().rev() {
+            self.stack.push((join(&path, &child.name), child));
+        }
+        Some((path, node))
+    }
+}
+
+impl fmt::Display for Tree {
+    /// A `dtc -O dts`-like dump: nested braces, `compatible` first, then
+    /// properties with typed values (see [`Value`]'s `Display`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_dump(f, &self.root, true)
+    }
+}
+
+impl fmt::Display for Node {
+    /// The subtree rooted here, in the same form as [`Tree`]'s dump.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_dump(f, self, self.name.is_empty())
+    }
+}
+
+fn write_dump(f: &mut fmt::Formatter<'_>, top: &Node, top_is_root: bool) -> fmt::Result {
+    enum Step<'a> {
+        Open(&'a Node, usize),
+        Close(usize),
+    }
+    let indent = |f: &mut fmt::Formatter<'_>, depth: usize| -> fmt::Result {
+        for _ in 0..depth {
+            f.write_str("\t")?;
+        }
+        Ok(())
+    };
+    let mut steps = vec![Step::Open(top, 0)];
+    while let Some(step) = steps.pop() {
+        match step {
+            Step::Open(node, depth) => {
+                indent(f, depth)?;
+                if depth == 0 && top_is_root {
+                    f.write_str("/ {\n")?;
+                } else {
+                    writeln!(f, "{} {{", node.name)?;
+                }
+                indent(f, depth + 1)?;
+                writeln!(f, "compatible = {:?};", node.compatible)?;
+                for p in &node.props {
+                    indent(f, depth + 1)?;
+                    writeln!(f, "{} = {};", p.name, p.value)?;
+                }
+                steps.push(Step::Close(depth));
+                for child in node.children.iter().rev() {
+                    steps.push(Step::Open(child, depth + 1));
+                }
+            }
+            Step::Close(depth) => {
+                indent(f, depth)?;
+                f.write_str("};\n")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::PhysAddr;
+
+    fn sample() -> Tree {
+        Tree::new(
+            Node::root("kho-root-v1")
+                .with_u64("generation", 7)
+                .with_child(
+                    Node::new("kv-store", "kv-store-v1")
+                        .with_u64("entries", 3)
+                        .with_range("index", PhysRange::new(PhysAddr(0x10000), 0x2000))
+                        .with_bytes("key", vec![0xde, 0xad])
+                        .with_str("label", "main")
+                        .with_child(
+                            Node::new("shard0", "kv-shard-v1")
+                                .with_range("data", PhysRange::new(PhysAddr(0x40000), 0x1000)),
+                        ),
+                )
+                .with_child(Node::new("slab", "slab-v1")),
+        )
+    }
+
+    #[test]
+    fn round_trip_sample() {
+        let t = sample();
+        let bytes = t.encode().unwrap();
+        assert_eq!(bytes[0], TREE_VERSION);
+        let back = Tree::decode(&bytes, &TreeLimits::default()).unwrap();
+        assert_eq!(back, t);
+        // The hand-written reader and postcard's own derive agree.
+        let wire: WireTree<'_> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(wire.nodes.len(), 4);
+        assert_eq!(wire.nodes[2].parent, 1);
+        assert_eq!(wire.nodes[3].parent, 0);
+    }
+}
