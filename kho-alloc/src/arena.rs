@@ -1,0 +1,685 @@
+//! The arena: one contiguous mapping with two superblock slots.
+//!
+//! Opening an existing arena reads the superblock pages with ordinary reads
+//! of a read-only descriptor and validates them before anything is mapped
+//! writable; a foreign, truncated or doubly corrupt file is reported with a
+//! typed error and never modified.
+//!
+//! A handover image is committed in three separable steps, so that callers
+//! can inject faults between them:
+//!
+//! 1. write the image bytes into arena memory that the current image does
+//!    not use (the heap allocates a fresh folio for that);
+//! 2. [`Arena::sync`] the image range (`msync(MS_SYNC)`);
+//! 3. [`Arena::publish`] a superblock pointing at it into the slot that is
+//!    *not* current, with the generation incremented, and `msync` that page.
+//!
+//! A crash before step 3 completes leaves the previous slot, and therefore
+//! the previous image, current. [`Arena::commit_image`] runs steps 2 and 3.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use kho_core::{Pfn, PhysAddr, PhysRange, PAGE_SIZE};
+use zerocopy::IntoBytes;
+
+use crate::error::{Error, Result, SlotError};
+use crate::layout::{ArenaConfig, Layout, Region, MIN_ARENA_SIZE, SUPERBLOCK_PAGES};
+use crate::mapping::Mapping;
+use crate::raw;
+use crate::superblock::{ImageLocation, Superblock, ARENA_MAGIC, FLAG_RESTORED};
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// Index (0 or 1) of the current slot.
+    slot: usize,
+    /// Its contents.
+    sb: Superblock,
+}
+
+/// A mapped arena with validated geometry.
+///
+/// ```
+/// use kho_alloc::{Arena, ArenaConfig, Region};
+/// use kho_core::Pfn;
+///
+/// let arena = Arena::heap(&ArenaConfig::with_size(16 << 20))?;
+/// assert_eq!(arena.region_of(Pfn(0)), Some(Region::Superblock));
+/// assert_eq!(arena.region_of(arena.layout().general.start), Some(Region::General));
+/// assert_eq!(arena.generation(), 1);
+/// # Ok::<(), kho_alloc::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Arena {
+    map: Mapping,
+    layout: Layout,
+    file: Option<File>,
+    meta: Mutex<Meta>,
+}
+
+impl Arena {
+    /// Create (or truncate) the file at `path` and format a new arena in it.
+    pub fn create_file(path: impl AsRef<Path>, config: &ArenaConfig) -> Result<Arena> {
+        let layout = config.layout()?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(Error::io("open"))?;
+        Self::format_file(file, layout)
+    }
+
+    /// Create a memfd (inheritable across `exec`) and format a new arena in
+    /// it. Pass [`Arena::inheritable_fd`] to the successor.
+    #[cfg(not(miri))]
+    pub fn create_memfd(name: &str, config: &ArenaConfig) -> Result<Arena> {
+        let layout = config.layout()?;
+        let file = crate::mapping::memfd(name).map_err(Error::io("memfd_create"))?;
+        Self::format_file(file, layout)
+    }
+
+    fn format_file(file: File, layout: Layout) -> Result<Arena> {
+        file.set_len(layout.size())
+            .map_err(Error::io("ftruncate"))?;
+        let len = usize::try_from(layout.size()).map_err(|_| Error::InvalidConfig {
+            what: "size",
+            value: layout.size(),
+            limit: usize::MAX as u64,
+        })?;
+        let map = Mapping::file(&file, len, true).map_err(Error::io("mmap"))?;
+        Self::format(map, layout, Some(file))
+    }
+
+    /// A new arena in private anonymous memory (heap memory under Miri).
+    pub fn anonymous(config: &ArenaConfig) -> Result<Arena> {
+        let layout = config.layout()?;
+        let map = Mapping::anonymous(Self::usize_len(&layout)?).map_err(Error::io("mmap"))?;
+        Self::format(map, layout, None)
+    }
+
+    /// A new arena in ordinary heap memory: no `mmap`, usable under Miri.
+    pub fn heap(config: &ArenaConfig) -> Result<Arena> {
+        let layout = config.layout()?;
+        let map = Mapping::heap(Self::usize_len(&layout)?).map_err(Error::io("alloc"))?;
+        Self::format(map, layout, None)
+    }
+
+    fn usize_len(layout: &Layout) -> Result<usize> {
+        usize::try_from(layout.size()).map_err(|_| Error::InvalidConfig {
+            what: "size",
+            value: layout.size(),
+            limit: usize::MAX as u64,
+        })
+    }
+
+    fn format(map: Mapping, layout: Layout, file: Option<File>) -> Result<Arena> {
+        let first = Superblock {
+            layout,
+            generation: 1,
+            image: None,
+            flags: 0,
+        };
+        let arena = Arena {
+            map,
+            layout,
+            file,
+            meta: Mutex::new(Meta { slot: 0, sb: first }),
+        };
+        // Both slots valid: slot 1 at generation 0, slot 0 current.
+        arena.write_slot(
+            1,
+            &Superblock {
+                generation: 0,
+                ..first
+            },
+        )?;
+        arena.write_slot(0, &first)?;
+        Ok(arena)
+    }
+
+    /// Open an existing arena file read-write. The superblocks are
+    /// validated through a read-only descriptor first; nothing is written.
+    pub fn open(path: impl AsRef<Path>) -> Result<Arena> {
+        let path = path.as_ref();
+        {
+            let probe = File::open(path).map_err(Error::io("open"))?;
+            Self::probe(&probe)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(Error::io("open"))?;
+        Self::open_file(file)
+    }
+
+    /// Open an arena from an already open read-write descriptor (for
+    /// example a memfd inherited across `exec`).
+    pub fn open_file(file: File) -> Result<Arena> {
+        Self::open_with(file, true)
+    }
+
+    /// Open an arena for inspection only: mapped read-only, every write
+    /// refused with [`Error::ReadOnly`].
+    pub fn open_readonly(path: impl AsRef<Path>) -> Result<Arena> {
+        let file = File::open(path).map_err(Error::io("open"))?;
+        Self::open_with(file, false)
+    }
+
+    fn open_with(file: File, writable: bool) -> Result<Arena> {
+        let (slot, sb) = Self::probe(&file)?;
+        let len = Self::usize_len(&sb.layout)?;
+        let map = Mapping::file(&file, len, writable).map_err(Error::io("mmap"))?;
+        Ok(Arena {
+            map,
+            layout: sb.layout,
+            file: Some(file),
+            meta: Mutex::new(Meta { slot, sb }),
+        })
+    }
+
+    /// Read and validate both superblock slots of `file`.
+    fn probe(file: &File) -> Result<(usize, Superblock)> {
+        let len = file.metadata().map_err(Error::io("fstat"))?.len();
+        if len < MIN_ARENA_SIZE {
+            return Err(Error::TooSmall {
+                len,
+                min: MIN_ARENA_SIZE,
+            });
+        }
+        let mut pages = vec![0u8; (SUPERBLOCK_PAGES * PAGE_SIZE) as usize];
+        file.read_exact_at(&mut pages, 0)
+            .map_err(Error::io("read"))?;
+        let (p0, p1) = pages.split_at(PAGE_SIZE as usize);
+        Self::choose(
+            Superblock::decode(p0, 0, len),
+            Superblock::decode(p1, PAGE_SIZE, len),
+        )
+    }
+
+    /// The valid slot with the highest generation.
+    fn choose(
+        s0: std::result::Result<Superblock, SlotError>,
+        s1: std::result::Result<Superblock, SlotError>,
+    ) -> Result<(usize, Superblock)> {
+        match (s0, s1) {
+            (Ok(a), Ok(b)) => {
+                if a.layout != b.layout {
+                    // Geometry never changes after format: one slot lies.
+                    let (newer, older) = if b.generation > a.generation {
+                        (b, a)
+                    } else {
+                        (a, b)
+                    };
+                    return Err(Error::GeometryMismatch {
+                        what: "superblock slots disagree on general start",
+                        expected: older.layout.general.start.0,
+                        found: newer.layout.general.start.0,
+                    });
+                }
+                Ok(if b.generation > a.generation {
+                    (1, b)
+                } else {
+                    (0, a)
+                })
+            }
+            (Ok(a), Err(_)) => Ok((0, a)),
+            (Err(_), Ok(b)) => Ok((1, b)),
+            (Err(SlotError::BadMagic { offset, found, .. }), Err(SlotError::BadMagic { .. })) => {
+                Err(Error::Foreign {
+                    offset,
+                    expected: ARENA_MAGIC,
+                    found,
+                })
+            }
+            (Err(slot0), Err(slot1)) => Err(Error::BothSuperblocksBad { slot0, slot1 }),
+        }
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The geometry.
+    #[inline]
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Arena size in bytes.
+    #[inline]
+    pub fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    /// Pages in the arena.
+    #[inline]
+    pub fn pages(&self) -> u64 {
+        self.layout.pages
+    }
+
+    /// The region of `pfn`, or `None` past the end.
+    #[inline]
+    pub fn region_of(&self, pfn: Pfn) -> Option<Region> {
+        self.layout.region_of(pfn)
+    }
+
+    /// Whether the arena is mapped writable.
+    pub fn is_writable(&self) -> bool {
+        self.map.writable()
+    }
+
+    /// The backing file, if any (`None` for anonymous and heap arenas).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Clear `FD_CLOEXEC` on the backing file and return its descriptor
+    /// number, for a successor started with `exec`.
+    #[cfg(not(miri))]
+    pub fn inheritable_fd(&self) -> Result<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let file = self.file.as_ref().ok_or(Error::InvalidConfig {
+            what: "arena has no backing file",
+            value: 0,
+            limit: 0,
+        })?;
+        crate::mapping::clear_cloexec(file).map_err(Error::io("fcntl"))?;
+        Ok(file.as_raw_fd())
+    }
+
+    /// The current superblock.
+    pub fn superblock(&self) -> Superblock {
+        self.meta().sb
+    }
+
+    /// Generation of the current superblock.
+    pub fn generation(&self) -> u64 {
+        self.meta().sb.generation
+    }
+
+    /// Location of the current handover image, if one is committed.
+    pub fn current_image(&self) -> Option<ImageLocation> {
+        self.meta().sb.image
+    }
+
+    /// Whether the current image was already restored by a successor.
+    pub fn image_restored(&self) -> bool {
+        self.meta().sb.flags & FLAG_RESTORED != 0
+    }
+
+    /// Base pointer of the mapping, for the KFENCE pool.
+    #[inline]
+    #[allow(dead_code)] // used by the KFENCE pool
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.map.ptr()
+    }
+
+    /// The mapping, for page protection by the KFENCE pool.
+    #[inline]
+    #[allow(dead_code)] // used by the KFENCE pool
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// Check that `range` lies inside the arena; returns `(offset, len)`.
+    pub(crate) fn check(&self, range: PhysRange) -> Result<(usize, usize)> {
+        let oob = Error::OutOfBounds {
+            offset: range.start,
+            len: range.len,
+            size: self.size(),
+        };
+        match range.end() {
+            Some(end) if end.0 <= self.size() => {
+                let off = usize::try_from(range.start).map_err(|_| oob)?;
+                let len = usize::try_from(range.len).map_err(|_| Error::OutOfBounds {
+                    offset: range.start,
+                    len: range.len,
+                    size: self.size(),
+                })?;
+                Ok((off, len))
+            }
+            _ => Err(oob),
+        }
+    }
+
+    /// Read-only view of `range`. On a writable arena the superblock pages
+    /// are excluded (they change under [`publish`](Self::publish)); read them
+    /// through [`superblock`](Self::superblock) instead.
+    pub fn bytes(&self, range: PhysRange) -> Result<&[u8]> {
+        let (off, len) = self.check(range)?;
+        let sb_end = SUPERBLOCK_PAGES * PAGE_SIZE;
+        if self.map.writable() && len > 0 && range.start < sb_end {
+            return Err(Error::OutOfBounds {
+                offset: range.start,
+                len: range.len,
+                size: self.size(),
+            });
+        }
+        // SAFETY:
+        // - `off + len <= size`, checked above, and the mapping lives as long
+        //   as `&self`.
+        // - Writes through `&self` only touch the superblock pages, excluded
+        //   above for writable arenas; all other writes need `&mut self`, or
+        //   happen inside a `Heap` that owns this arena and never lends out
+        //   `&Arena`.
+        Ok(unsafe { raw::slice(self.map.ptr(), off, len) })
+    }
+
+    /// Read-only view of one page.
+    pub fn page_bytes(&self, pfn: Pfn) -> Result<&[u8]> {
+        let addr = pfn.addr().ok_or(Error::OutOfBounds {
+            offset: u64::MAX,
+            len: PAGE_SIZE,
+            size: self.size(),
+        })?;
+        self.bytes(PhysRange::new(addr, PAGE_SIZE))
+    }
+
+    /// Mutable view of `range`, which must not touch the superblock pages.
+    pub fn bytes_mut(&mut self, range: PhysRange) -> Result<&mut [u8]> {
+        let (off, len) = self.check_writable(range)?;
+        // SAFETY:
+        // - In bounds and writable, checked above.
+        // - `&mut self` excludes every other reference into the mapping.
+        Ok(unsafe { raw::slice_mut(self.map.ptr(), off, len) })
+    }
+
+    /// Copy `bytes` to `at`.
+    pub fn write(&mut self, at: PhysAddr, bytes: &[u8]) -> Result<()> {
+        self.bytes_mut(PhysRange::new(at, bytes.len() as u64))?
+            .copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn check_writable(&self, range: PhysRange) -> Result<(usize, usize)> {
+        if !self.map.writable() {
+            return Err(Error::ReadOnly);
+        }
+        let (off, len) = self.check(range)?;
+        if len > 0 && range.start < SUPERBLOCK_PAGES * PAGE_SIZE {
+            return Err(Error::OutOfBounds {
+                offset: range.start,
+                len: range.len,
+                size: self.size(),
+            });
+        }
+        Ok((off, len))
+    }
+
+    /// Mutable view of `range` through a shared reference.
+    ///
+    /// # Safety
+    ///
+    /// - No other reference to any byte of `range` exists while the result
+    ///   lives (the caller owns those bytes through its allocator state).
+    #[allow(clippy::mut_from_ref, dead_code)]
+    pub(crate) unsafe fn slice_mut_shared(&self, range: PhysRange) -> Result<&mut [u8]> {
+        let (off, len) = self.check_writable(range)?;
+        // SAFETY:
+        // - In bounds and writable, checked above.
+        // - Exclusivity is the caller's contract.
+        Ok(unsafe { raw::slice_mut(self.map.ptr(), off, len) })
+    }
+
+    /// Shared view of `range` through a shared reference, including on
+    /// writable arenas.
+    ///
+    /// # Safety
+    ///
+    /// - Nothing writes any byte of `range` while the result lives.
+    pub(crate) unsafe fn slice_shared(&self, range: PhysRange) -> Result<&[u8]> {
+        let (off, len) = self.check(range)?;
+        // SAFETY:
+        // - In bounds, checked above; no concurrent writes (caller).
+        Ok(unsafe { raw::slice(self.map.ptr(), off, len) })
+    }
+
+    /// Make `range` durable: `msync(MS_SYNC)` of the pages it touches (a
+    /// no-op for anonymous and heap arenas).
+    pub fn sync(&self, range: PhysRange) -> Result<()> {
+        self.check(range)?;
+        let (first, end) = range.pfns().ok_or(Error::OutOfBounds {
+            offset: range.start,
+            len: range.len,
+            size: self.size(),
+        })?;
+        let off = (first.0 * PAGE_SIZE) as usize;
+        let len = ((end.0 - first.0) * PAGE_SIZE) as usize;
+        self.map.flush_range(off, len).map_err(Error::io("msync"))
+    }
+
+    fn write_slot(&self, slot: usize, sb: &Superblock) -> Result<()> {
+        if !self.map.writable() {
+            return Err(Error::ReadOnly);
+        }
+        let raw = sb.encode();
+        let off = slot * PAGE_SIZE as usize;
+        // SAFETY:
+        // - `off + PAGE_SIZE <= size` because every arena has at least
+        //   `MIN_ARENA_SIZE` bytes, and the mapping is writable (checked).
+        // - Superblock pages are written only here, under the `meta` lock
+        //   (or before the arena is shared, in `format`), and `bytes` never
+        //   lends them out on a writable arena.
+        let page = unsafe { raw::slice_mut(self.map.ptr(), off, PAGE_SIZE as usize) };
+        page.fill(0);
+        page[..raw.as_bytes().len()].copy_from_slice(raw.as_bytes());
+        self.map
+            .flush_range(off, PAGE_SIZE as usize)
+            .map_err(Error::io("msync"))
+    }
+
+    /// Step 3 of a commit: write the superblock for `image` (or no image)
+    /// into the non-current slot with the next generation, `msync` it, and
+    /// make it current. Returns the new generation. The caller must have
+    /// made the image bytes durable first ([`sync`](Self::sync)).
+    pub fn publish(&self, image: Option<ImageLocation>) -> Result<u64> {
+        self.publish_flags(image, 0)
+    }
+
+    fn publish_flags(&self, image: Option<ImageLocation>, flags: u32) -> Result<u64> {
+        if let Some(loc) = image {
+            let range = PhysRange::new(PhysAddr(loc.offset), loc.len);
+            self.check(range)?;
+            if loc.offset < SUPERBLOCK_PAGES * PAGE_SIZE {
+                return Err(Error::OutOfBounds {
+                    offset: loc.offset,
+                    len: loc.len,
+                    size: self.size(),
+                });
+            }
+        }
+        let mut meta = self.meta();
+        let next = Superblock {
+            layout: self.layout,
+            generation: meta.sb.generation.wrapping_add(1),
+            image,
+            flags,
+        };
+        let slot = 1 - meta.slot;
+        self.write_slot(slot, &next)?;
+        *meta = Meta { slot, sb: next };
+        Ok(next.generation)
+    }
+
+    /// Steps 2 and 3 of a commit: `msync` the image range, then publish.
+    pub fn commit_image(&self, image: ImageLocation) -> Result<u64> {
+        self.sync(PhysRange::new(PhysAddr(image.offset), image.len))?;
+        self.publish(Some(image))
+    }
+
+    /// Record that the current image has been restored, so that a second
+    /// restore of it is refused. Returns the new generation.
+    pub fn mark_restored(&self) -> Result<u64> {
+        let image = self.current_image();
+        self.publish_flags(image, FLAG_RESTORED)
+    }
+
+    /// The bytes of the current image after checking its CRC32.
+    pub fn image_bytes(&self) -> Result<&[u8]> {
+        let loc = self.current_image().ok_or(Error::NoImage)?;
+        let range = PhysRange::new(PhysAddr(loc.offset), loc.len);
+        // SAFETY:
+        // - The image range starts past the superblock pages (validated at
+        //   open and at publish); image pages are owned by the arena's heap,
+        //   which never writes a committed image.
+        let bytes = unsafe { self.slice_shared(range) }?;
+        let crc = crc32fast::hash(bytes);
+        if crc != loc.crc {
+            return Err(Error::Inconsistent {
+                addr: loc.offset,
+                what: "image crc32",
+                expected: u64::from(loc.crc),
+                found: u64::from(crc),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+#[cfg(all(test, not(miri)))]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn cfg() -> ArenaConfig {
+        ArenaConfig::with_size(4 << 20)
+    }
+
+    #[test]
+    fn create_open_and_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arena");
+        let loc = {
+            let mut a = Arena::create_file(&path, &cfg()).unwrap();
+            assert_eq!(a.generation(), 1);
+            let at = a.layout().general.start.addr().unwrap();
+            a.write(at, b"hello image").unwrap();
+            let loc = ImageLocation {
+                offset: at.0,
+                len: 11,
+                crc: crc32fast::hash(b"hello image"),
+            };
+            assert_eq!(a.commit_image(loc).unwrap(), 2);
+            loc
+        };
+        let a = Arena::open(&path).unwrap();
+        assert_eq!(a.generation(), 2);
+        assert_eq!(a.current_image(), Some(loc));
+        assert_eq!(a.image_bytes().unwrap(), b"hello image");
+        assert_eq!(a.layout(), cfg().layout().as_ref().unwrap());
+        assert!(!a.image_restored());
+        a.mark_restored().unwrap();
+        drop(a);
+        let r = Arena::open_readonly(&path).unwrap();
+        assert!(r.image_restored());
+        assert_eq!(r.generation(), 3);
+        assert!(r.page_bytes(Pfn(0)).is_ok());
+        let mut r = r;
+        assert!(matches!(
+            r.write(PhysAddr(0x10000), b"x"),
+            Err(Error::ReadOnly)
+        ));
+    }
+
+    #[test]
+    fn torn_slot_falls_back_to_previous_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arena");
+        {
+            let a = Arena::create_file(&path, &cfg()).unwrap();
+            a.publish(None).unwrap(); // gen 2 in slot 1
+        }
+        // Corrupt slot 1 (the newest).
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 8], PAGE_SIZE + 0x60).unwrap();
+        drop(f);
+        let a = Arena::open(&path).unwrap();
+        assert_eq!(a.generation(), 1);
+        // The next publish overwrites the bad slot.
+        assert_eq!(a.publish(None).unwrap(), 2);
+        drop(a);
+        assert_eq!(Arena::open(&path).unwrap().generation(), 2);
+    }
+
+    #[test]
+    fn bad_files_are_typed_and_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::write(&small, [0u8; 100]).unwrap();
+        assert!(matches!(
+            Arena::open(&small),
+            Err(Error::TooSmall { len: 100, .. })
+        ));
+
+        let foreign = dir.path().join("foreign");
+        let mut f = File::create(&foreign).unwrap();
+        let junk: Vec<u8> = (0..MIN_ARENA_SIZE).map(|i| (i * 7) as u8).collect();
+        f.write_all(&junk).unwrap();
+        drop(f);
+        assert!(matches!(
+            Arena::open(&foreign),
+            Err(Error::Foreign { offset: 0, .. })
+        ));
+        assert_eq!(std::fs::read(&foreign).unwrap(), junk);
+
+        let both = dir.path().join("both");
+        drop(Arena::create_file(&both, &cfg()).unwrap());
+        let f = OpenOptions::new().write(true).open(&both).unwrap();
+        f.write_all_at(&[1], 0x70).unwrap();
+        f.write_all_at(&[1], PAGE_SIZE + 0x70).unwrap();
+        drop(f);
+        let before = std::fs::read(&both).unwrap();
+        match Arena::open(&both) {
+            Err(Error::BothSuperblocksBad { slot0, slot1 }) => {
+                assert!(matches!(slot0, SlotError::BadCrc { offset: 0x7c, .. }));
+                assert!(matches!(slot1, SlotError::BadCrc { offset: 0x107c, .. }));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&both).unwrap(), before);
+
+        // A file whose length changed no longer matches the superblocks.
+        let grown = dir.path().join("grown");
+        drop(Arena::create_file(&grown, &cfg()).unwrap());
+        let f = OpenOptions::new().write(true).open(&grown).unwrap();
+        f.set_len((4 << 20) + PAGE_SIZE).unwrap();
+        drop(f);
+        assert!(matches!(
+            Arena::open(&grown),
+            Err(Error::BothSuperblocksBad { .. })
+        ));
+    }
+
+    #[test]
+    fn bounds_and_superblock_protection() {
+        let mut a = Arena::anonymous(&cfg()).unwrap();
+        let size = a.size();
+        assert!(matches!(
+            a.bytes(PhysRange::new(PhysAddr(size - 1), 2)),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(a.bytes(PhysRange::new(PhysAddr(u64::MAX), 2)).is_err());
+        assert!(a.bytes(PhysRange::new(PhysAddr(0), 1)).is_err());
+        assert!(a.write(PhysAddr(0), b"x").is_err());
+        a.write(PhysAddr(size - 1), b"y").unwrap();
+        assert_eq!(
+            a.bytes(PhysRange::new(PhysAddr(size - 1), 1)).unwrap(),
+            b"y"
+        );
+        assert!(matches!(a.image_bytes(), Err(Error::NoImage)));
+    }
+
+    #[test]
+    fn memfd_arena_reopens_through_proc() {
+        let a = Arena::create_memfd("kho-test", &cfg()).unwrap();
+        let fd = a.inheritable_fd().unwrap();
+        a.publish(None).unwrap();
+        let b = Arena::open(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_eq!(b.generation(), 2);
+    }
+}
