@@ -20,10 +20,15 @@
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod image;
 pub mod memmap;
 pub mod tree;
 
 pub use addr::{Order, Pfn, PhysAddr, PhysRange, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE};
+pub use image::{
+    BuildError, Extent, Image, ImageBuilder, ImageHeader, ParseError, RestoreError, Restorer,
+    SectionInfo, SectionKind, SlabCacheInfo, SlabCacheView, SlabPageInfo, SlabPageView,
+};
 pub use memmap::{
     decompose, BlockBits, BlockFolios, BlockWords, Folio, Folios, MapError, MapResult, PfnRange,
     PreservedMap, Ranges, BLOCK_BITS, BLOCK_WORDS,

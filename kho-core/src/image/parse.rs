@@ -1,0 +1,1706 @@
+//! The validating, zero-copy reader.
+
+use core::fmt;
+
+use zerocopy::little_endian::U64;
+use zerocopy::FromBytes;
+
+use super::layout::{
+    RawBlock, RawExtent, RawHeader, RawRange, RawSection, RawSlabCache, RawSlabHeader, RawSlabPage,
+    BLOCK_SIZE, CACHE_NAME_LEN, ENTRY_SIZE, HEADER_CRC_OFFSET, HEADER_SIZE, MAGIC, SECTION_ALIGN,
+    SECTION_REQUIRED, SLAB_CACHE_SIZE, SLAB_HEADER_SIZE, SLAB_PAGE_SIZE, VERSION_MAJOR,
+};
+use super::{Extent, ParseError, ParseResult, SectionKind};
+use crate::addr::{
+    Order, Pfn, PhysAddr, PhysRange, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE,
+};
+use crate::memmap::{BlockBits, Folios, Ranges, BLOCK_BITS, BLOCK_WORDS};
+use crate::tree::{Tree, TreeLimits};
+
+/// The header fields of a validated image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    /// Header size in bytes (72 for v1.0, more for a newer writer).
+    pub header_size: u32,
+    /// Major version, always 1.
+    pub version_major: u16,
+    /// Minor version.
+    pub version_minor: u16,
+    /// log2 of the page size, always 12.
+    pub page_shift: u32,
+    /// Header flags, always 0 in v1.
+    pub flags: u32,
+    /// Arena size in bytes.
+    pub arena_size: u64,
+    /// Image length in bytes.
+    pub image_len: u64,
+    /// Handover generation recorded by the writer.
+    pub generation: u64,
+    /// Offset of the section table.
+    pub table_offset: u64,
+    /// Number of section table entries.
+    pub section_count: u32,
+    /// Size of one section table entry.
+    pub entry_size: u32,
+    /// CRC32 of the section table.
+    pub table_crc32: u32,
+    /// CRC32 of the header.
+    pub header_crc32: u32,
+}
+
+/// One section table entry of a validated image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SectionInfo {
+    /// What the section holds.
+    pub kind: SectionKind,
+    /// Flags; bit 0 is [`SECTION_REQUIRED`].
+    pub flags: u32,
+    /// Offset from the image start.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC32 of the section bytes.
+    pub crc32: u32,
+}
+
+impl SectionInfo {
+    /// Whether a reader that does not know the kind must reject the image.
+    pub fn is_required(&self) -> bool {
+        self.flags & SECTION_REQUIRED != 0
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct SlabSection<'a> {
+    offset: u64,
+    caches: &'a [RawSlabCache],
+    pages: &'a [RawSlabPage],
+    words: &'a [U64],
+}
+
+/// A validated handover image, borrowing the bytes it was parsed from.
+///
+/// Construct it with [`Image::parse`]; every query reads the input slice in
+/// place.
+pub struct Image<'a> {
+    bytes: &'a [u8],
+    header: ImageHeader,
+    memmap_offset: u64,
+    blocks: &'a [RawBlock],
+    /// Per order, the index range of its blocks in `blocks`.
+    spans: [(usize, usize); NR_ORDERS],
+    scratch: (u64, &'a [RawRange]),
+    kfence: (u64, &'a [RawRange]),
+    slab: SlabSection<'a>,
+    extents: (u64, &'a [RawExtent]),
+    tree_offset: u64,
+    tree_bytes: &'a [u8],
+    tree: Option<Tree>,
+}
+
+impl fmt::Debug for Image<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image")
+            .field("header", &self.header)
+            .field("blocks", &self.blocks.len())
+            .field("scratch", &self.scratch.1.len())
+            .field("kfence", &self.kfence.1.len())
+            .field("slab_pages", &self.slab.pages.len())
+            .field("extents", &self.extents.1.len())
+            .field("tree_bytes", &self.tree_bytes.len())
+            .finish()
+    }
+}
+
+/// `bytes[off..off + len]`, or a truncation error.
+fn sub(bytes: &[u8], off: u64, len: u64) -> ParseResult<&[u8]> {
+    let end = off.checked_add(len);
+    let usable = |v: u64| usize::try_from(v).ok();
+    match (usable(off), end.and_then(usable)) {
+        (Some(s), Some(e)) if e <= bytes.len() => bytes.get(s..e).ok_or(ParseError::Truncated {
+            offset: off,
+            expected: len,
+            found: bytes.len() as u64,
+        }),
+        _ => Err(ParseError::Truncated {
+            offset: off,
+            expected: end.unwrap_or(u64::MAX),
+            found: bytes.len() as u64,
+        }),
+    }
+}
+
+/// The first non-zero byte of `bytes`, as `(offset, value)` with `base` the
+/// offset of `bytes[0]`.
+fn first_nonzero(bytes: &[u8], base: u64) -> Option<(u64, u8)> {
+    bytes
+        .iter()
+        .position(|&b| b != 0)
+        .map(|i| (base + i as u64, bytes[i]))
+}
+
+fn zero_padding(bytes: &[u8], from: u64, to: u64) -> ParseResult<()> {
+    if to <= from {
+        return Ok(());
+    }
+    match first_nonzero(sub(bytes, from, to - from)?, from) {
+        Some((offset, found)) => Err(ParseError::Padding { offset, found }),
+        None => Ok(()),
+    }
+}
+
+fn reserved_bytes(bytes: &[u8], offset: u64) -> ParseResult<()> {
+    match first_nonzero(bytes, offset) {
+        Some((offset, found)) => Err(ParseError::Reserved {
+            offset,
+            found: u64::from(found),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn records<T: FromBytes + zerocopy::KnownLayout + zerocopy::Immutable>(
+    bytes: &[u8],
+    offset: u64,
+    kind: SectionKind,
+) -> ParseResult<&[T]> {
+    let size = core::mem::size_of::<T>() as u64;
+    <[T]>::ref_from_bytes(bytes).map_err(|_| ParseError::SectionLength {
+        offset,
+        kind,
+        expected: (bytes.len() as u64 / size) * size,
+        found: bytes.len() as u64,
+    })
+}
+
+/// Pages spanned by one block of `order`.
+#[inline]
+fn span(order: u8) -> u64 {
+    BLOCK_BITS << order
+}
+
+/// Bits `[lo, hi)` of a block's words: the first one set.
+fn first_set_in(words: &[U64; BLOCK_WORDS], lo: u64, hi: u64) -> Option<u64> {
+    let mut i = lo;
+    while i < hi {
+        let w = (i / 64) as usize;
+        let bit = i % 64;
+        let mut word = words.get(w).map_or(0, |x| x.get()) >> bit;
+        let avail = (64 - bit).min(hi - i);
+        if avail < 64 {
+            word &= (1u64 << avail) - 1;
+        }
+        if word != 0 {
+            return Some(i + u64::from(word.trailing_zeros()));
+        }
+        i += avail;
+    }
+    None
+}
+
+/// A maximal run of set bits inside one block, in pages.
+#[derive(Clone, Copy)]
+struct Piece {
+    start: u64,
+    end: u64,
+    block: usize,
+}
+
+/// The set bits of one order's blocks as page runs, in address order. Runs
+/// end at block boundaries; callers coalesce where they need to.
+struct OrderRuns<'a> {
+    blocks: &'a [RawBlock],
+    first_block: usize,
+    order: u8,
+    bi: usize,
+    wi: usize,
+    word: u64,
+}
+
+impl<'a> OrderRuns<'a> {
+    fn new(blocks: &'a [RawBlock], first_block: usize, order: u8) -> Self {
+        let word = blocks.first().map_or(0, |b| b.bits[0].get());
+        OrderRuns {
+            blocks,
+            first_block,
+            order,
+            bi: 0,
+            wi: 0,
+            word,
+        }
+    }
+
+    #[inline]
+    fn next_piece(&mut self) -> Option<Piece> {
+        loop {
+            if self.word != 0 {
+                let s = self.word.trailing_zeros();
+                let n = (!(self.word >> s)).trailing_zeros();
+                self.word = if s + n >= 64 {
+                    0
+                } else {
+                    self.word & !(((1u64 << n) - 1) << s)
+                };
+                let base = self.blocks.get(self.bi)?.base_pfn.get();
+                let idx = self.wi as u64 * 64 + u64::from(s);
+                let start = base + (idx << self.order);
+                return Some(Piece {
+                    start,
+                    end: start + (u64::from(n) << self.order),
+                    block: self.first_block + self.bi,
+                });
+            }
+            self.wi += 1;
+            if self.wi >= BLOCK_WORDS {
+                self.wi = 0;
+                self.bi += 1;
+            }
+            self.word = self.blocks.get(self.bi)?.bits[self.wi].get();
+        }
+    }
+}
+
+/// Runs of every order merged by start address. On a validated image the
+/// runs are disjoint.
+struct RunMerge<'a> {
+    heads: Vec<(OrderRuns<'a>, Piece)>,
+}
+
+impl<'a> RunMerge<'a> {
+    fn new(image_blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
+        let mut heads = Vec::with_capacity(NR_ORDERS);
+        for (order, &(lo, hi)) in spans.iter().enumerate() {
+            if lo < hi {
+                let mut runs = OrderRuns::new(&image_blocks[lo..hi], lo, order as u8);
+                if let Some(p) = runs.next_piece() {
+                    heads.push((runs, p));
+                }
+            }
+        }
+        RunMerge { heads }
+    }
+
+    /// The next run and its order.
+    #[inline]
+    fn next_piece(&mut self) -> Option<(Piece, u8)> {
+        let mut best = 0;
+        match self.heads.len() {
+            0 => return None,
+            1 => {}
+            _ => {
+                let mut best_start = u64::MAX;
+                for (i, (_, p)) in self.heads.iter().enumerate() {
+                    if p.start < best_start {
+                        best_start = p.start;
+                        best = i;
+                    }
+                }
+            }
+        }
+        let (runs, piece) = self.heads.get_mut(best)?;
+        let out = (*piece, runs.order);
+        match runs.next_piece() {
+            Some(p) => *piece = p,
+            None => {
+                self.heads.swap_remove(best);
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Coalesced preserved runs `[start, end)` in pages, address order.
+struct Coalesced<'a> {
+    merge: RunMerge<'a>,
+    pending: Option<(u64, u64)>,
+}
+
+impl Iterator for Coalesced<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        while let Some((p, _)) = self.merge.next_piece() {
+            match &mut self.pending {
+                Some(r) if r.1 == p.start => r.1 = p.end,
+                Some(r) => {
+                    let done = *r;
+                    *r = (p.start, p.end);
+                    return Some(done);
+                }
+                None => self.pending = Some((p.start, p.end)),
+            }
+        }
+        self.pending.take()
+    }
+}
+
+impl<'a> Image<'a> {
+    /// Validate `bytes` completely and view them as an image.
+    ///
+    /// Checks run in the order of FORMAT.md §6 and the first failure is
+    /// returned. The slice need not be aligned and may extend past the
+    /// image (as a page-rounded mapping does); bytes after `image_len` are
+    /// ignored. The metadata tree is decoded with [`TreeLimits::DEFAULT`].
+    pub fn parse(bytes: &'a [u8]) -> ParseResult<Image<'a>> {
+        Self::parse_with(bytes, &TreeLimits::DEFAULT)
+    }
+
+    /// [`Image::parse`] with explicit caps for the metadata tree.
+    pub fn parse_with(bytes: &'a [u8], limits: &TreeLimits) -> ParseResult<Image<'a>> {
+        let input_len = bytes.len() as u64;
+        // 1. Length.
+        let Ok((raw, _)) = RawHeader::ref_from_prefix(bytes) else {
+            return Err(ParseError::Truncated {
+                offset: 0,
+                expected: HEADER_SIZE as u64,
+                found: input_len,
+            });
+        };
+        // 2. Magic.
+        if raw.magic != MAGIC {
+            return Err(ParseError::BadMagic {
+                offset: 0,
+                expected: MAGIC,
+                found: raw.magic,
+            });
+        }
+        // 3. Header size.
+        let hs = u64::from(raw.header_size.get());
+        if hs < HEADER_SIZE as u64 || hs % 8 != 0 || hs > input_len {
+            return Err(ParseError::HeaderSize {
+                offset: 8,
+                expected_min: HEADER_SIZE as u64,
+                expected_max: input_len,
+                found: hs,
+            });
+        }
+        // 4. Version.
+        if raw.version_major.get() != VERSION_MAJOR {
+            return Err(ParseError::UnsupportedMajor {
+                offset: 12,
+                expected: VERSION_MAJOR,
+                found: raw.version_major.get(),
+            });
+        }
+        // 5. Header CRC.
+        let head = sub(bytes, 0, hs)?;
+        let stored = raw.header_crc32.get();
+        let computed = header_crc(head);
+        if stored != computed {
+            return Err(ParseError::HeaderCrc {
+                offset: HEADER_CRC_OFFSET as u64,
+                expected: stored,
+                found: computed,
+            });
+        }
+        let header = Self::check_header(raw, head, input_len)?;
+        let image = sub(bytes, 0, header.image_len)?;
+
+        // 6. Section table bounds, entries, overlaps and padding.
+        let located = locate_sections(image, &header)?;
+
+        // 7. Section CRCs, in table order.
+        for i in 0..u64::from(header.section_count) {
+            let eo = header.table_offset + i * u64::from(header.entry_size);
+            let e = entry(image, eo)?;
+            let (off, len) = (e.offset.get(), e.len.get());
+            let found = crc32fast::hash(sub(image, off, len)?);
+            if found != e.crc32.get() {
+                return Err(ParseError::SectionCrc {
+                    offset: off,
+                    kind: SectionKind::from_raw(e.kind.get()),
+                    expected: e.crc32.get(),
+                    found,
+                });
+            }
+        }
+
+        // 8. Section contents.
+        let section = |k: SectionKind| -> ParseResult<(u64, &'a [u8])> {
+            match k.index().and_then(|i| located[i]) {
+                Some((off, len)) => Ok((off, sub(image, off, len)?)),
+                None => Ok((0, &[])),
+            }
+        };
+        let (memmap_offset, memmap) = section(SectionKind::Memmap)?;
+        let blocks: &[RawBlock] = records(memmap, memmap_offset, SectionKind::Memmap)?;
+        let mut img = Image {
+            bytes: image,
+            header,
+            memmap_offset,
+            blocks,
+            spans: [(0, 0); NR_ORDERS],
+            scratch: (0, &[]),
+            kfence: (0, &[]),
+            slab: SlabSection::default(),
+            extents: (0, &[]),
+            tree_offset: 0,
+            tree_bytes: &[],
+            tree: None,
+        };
+        img.check_blocks()?;
+        img.check_overlaps()?;
+
+        let (off, s) = section(SectionKind::Scratch)?;
+        img.scratch = (off, img.check_ranges(s, off, SectionKind::Scratch)?);
+        let (off, s) = section(SectionKind::Kfence)?;
+        img.kfence = (off, img.check_ranges(s, off, SectionKind::Kfence)?);
+        img.check_scratch_vs_kfence()?;
+        img.check_unpreserved(SectionKind::Scratch)?;
+        img.check_unpreserved(SectionKind::Kfence)?;
+
+        let (off, s) = section(SectionKind::Slab)?;
+        if located[SectionKind::Slab.index().unwrap_or(0)].is_some() {
+            img.slab = img.check_slab(s, off)?;
+        }
+        let (off, s) = section(SectionKind::Extents)?;
+        img.extents = (off, img.check_extents(s, off)?);
+
+        // 9. Metadata tree.
+        let (off, s) = section(SectionKind::Tree)?;
+        img.tree_offset = off;
+        img.tree_bytes = s;
+        if !s.is_empty() {
+            let tree = Tree::decode(s, limits).map_err(|source| ParseError::Tree {
+                offset: off,
+                source,
+            })?;
+            img.tree = Some(tree);
+        }
+        Ok(img)
+    }
+
+    /// Header fields after the header CRC matched.
+    fn check_header(raw: &RawHeader, head: &[u8], input_len: u64) -> ParseResult<ImageHeader> {
+        if let Some((offset, found)) =
+            first_nonzero(head.get(HEADER_SIZE..).unwrap_or(&[]), HEADER_SIZE as u64)
+        {
+            return Err(ParseError::HeaderTail { offset, found });
+        }
+        if raw.page_shift.get() != PAGE_SHIFT {
+            return Err(ParseError::PageShift {
+                offset: 16,
+                expected: PAGE_SHIFT,
+                found: raw.page_shift.get(),
+            });
+        }
+        if raw.flags.get() != 0 {
+            return Err(ParseError::HeaderFlags {
+                offset: 20,
+                found: raw.flags.get(),
+            });
+        }
+        let arena_size = raw.arena_size.get();
+        if arena_size % PAGE_SIZE != 0 {
+            return Err(ParseError::ArenaSize {
+                offset: 24,
+                found: arena_size,
+            });
+        }
+        let hs = head.len() as u64;
+        let image_len = raw.image_len.get();
+        if image_len > input_len {
+            return Err(ParseError::Truncated {
+                offset: input_len,
+                expected: image_len,
+                found: input_len,
+            });
+        }
+        if image_len < hs || image_len % 8 != 0 {
+            return Err(ParseError::ImageLength {
+                offset: 32,
+                expected_min: hs,
+                expected_max: input_len,
+                found: image_len,
+            });
+        }
+        let entry_size = raw.entry_size.get();
+        if (entry_size as usize) < ENTRY_SIZE || entry_size % 8 != 0 {
+            return Err(ParseError::EntrySize {
+                offset: 60,
+                expected: ENTRY_SIZE as u32,
+                found: entry_size,
+            });
+        }
+        Ok(ImageHeader {
+            header_size: raw.header_size.get(),
+            version_major: raw.version_major.get(),
+            version_minor: raw.version_minor.get(),
+            page_shift: raw.page_shift.get(),
+            flags: raw.flags.get(),
+            arena_size,
+            image_len,
+            generation: raw.generation.get(),
+            table_offset: raw.table_offset.get(),
+            section_count: raw.section_count.get(),
+            entry_size,
+            table_crc32: raw.table_crc32.get(),
+            header_crc32: raw.header_crc32.get(),
+        })
+    }
+
+    /// MEMMAP blocks: orders, reserved bytes, alignment, strict order,
+    /// non-empty, inside the arena. Fills `spans`.
+    fn check_blocks(&mut self) -> ParseResult<()> {
+        let arena_pages = self.header.arena_size >> PAGE_SHIFT;
+        let mut prev: Option<(u8, u64)> = None;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let offset = self.memmap_offset + (i * BLOCK_SIZE) as u64;
+            let order = b.order;
+            if order > MAX_MAP_ORDER {
+                return Err(ParseError::BlockOrder {
+                    offset: offset + 8,
+                    expected: MAX_MAP_ORDER,
+                    found: order,
+                });
+            }
+            reserved_bytes(&b.reserved, offset + 9)?;
+            let base = b.base_pfn.get();
+            let span = span(order);
+            if base % span != 0 {
+                return Err(ParseError::BlockMisaligned {
+                    offset,
+                    expected: span,
+                    found: base,
+                });
+            }
+            if let Some((po, pb)) = prev {
+                if (order, base) <= (po, pb) {
+                    return Err(ParseError::BlockUnsorted {
+                        offset,
+                        prev_order: po,
+                        prev_base: pb,
+                        order,
+                        base,
+                    });
+                }
+            }
+            prev = Some((order, base));
+            let any = b.bits.iter().fold(0u64, |a, w| a | w.get());
+            if any == 0 {
+                return Err(ParseError::EmptyBlock {
+                    offset,
+                    order,
+                    base,
+                });
+            }
+            if base.checked_add(span).is_none_or(|end| end > arena_pages) {
+                // Only the highest set bit can reach past the arena.
+                let (wi, w) = b
+                    .bits
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .find(|(_, w)| w.get() != 0)
+                    .map_or((0, 0), |(i, w)| (i, w.get()));
+                let idx = wi as u64 * 64 + u64::from(63 - w.leading_zeros());
+                let pfn = base.saturating_add(idx << order);
+                if pfn
+                    .checked_add(1u64 << order)
+                    .is_none_or(|end| end > arena_pages)
+                {
+                    return Err(ParseError::FolioOutOfArena {
+                        offset,
+                        pfn,
+                        order,
+                        expected: arena_pages,
+                    });
+                }
+            }
+            let o = order as usize;
+            if self.spans[o].1 == 0 {
+                self.spans[o].0 = i;
+            }
+            self.spans[o].1 = i + 1;
+        }
+        Ok(())
+    }
+
+    /// No page is preserved under two orders: merge the per-order runs by
+    /// start and require each to begin at or after the furthest end so far.
+    fn check_overlaps(&self) -> ParseResult<()> {
+        let orders = self.spans.iter().filter(|(lo, hi)| lo < hi).count();
+        if orders < 2 {
+            // Within one order, sorted unique blocks cannot overlap.
+            return Ok(());
+        }
+        let mut merge = RunMerge::new(self.blocks, &self.spans);
+        let (mut max_end, mut max_order) = (0u64, 0u8);
+        while let Some((p, order)) = merge.next_piece() {
+            if p.start < max_end {
+                return Err(ParseError::FolioOverlap {
+                    offset: self.block_offset(p.block),
+                    pfn: p.start,
+                    order,
+                    other_pfn: p.start & !((1u64 << max_order) - 1),
+                    other_order: max_order,
+                });
+            }
+            if p.end > max_end {
+                max_end = p.end;
+                max_order = order;
+            }
+        }
+        Ok(())
+    }
+
+    fn block_offset(&self, index: usize) -> u64 {
+        self.memmap_offset + (index * BLOCK_SIZE) as u64
+    }
+
+    fn check_ranges(
+        &self,
+        bytes: &'a [u8],
+        offset: u64,
+        kind: SectionKind,
+    ) -> ParseResult<&'a [RawRange]> {
+        let ranges: &[RawRange] = records(bytes, offset, kind)?;
+        let mut prev_end = 0u64;
+        for (i, r) in ranges.iter().enumerate() {
+            let off = offset + (i * core::mem::size_of::<RawRange>()) as u64;
+            let (start, len) = (r.start.get(), r.len.get());
+            let range = PhysRange::new(PhysAddr(start), len);
+            if len == 0 || !range.is_page_aligned() {
+                return Err(ParseError::RangeInvalid {
+                    offset: off,
+                    kind,
+                    start,
+                    len,
+                });
+            }
+            if i > 0 && start < prev_end {
+                return Err(ParseError::RangeUnsorted {
+                    offset: off,
+                    kind,
+                    expected: prev_end,
+                    found: start,
+                });
+            }
+            match range.end() {
+                Some(end) if end.0 <= self.header.arena_size => prev_end = end.0,
+                _ => {
+                    return Err(ParseError::RangeOutOfArena {
+                        offset: off,
+                        kind,
+                        start,
+                        len,
+                        expected: self.header.arena_size,
+                    })
+                }
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// The KFENCE pool must never come from scratch memory.
+    fn check_scratch_vs_kfence(&self) -> ParseResult<()> {
+        let (mut si, mut ki) = (0usize, 0usize);
+        let (s, k) = (self.scratch.1, self.kfence.1);
+        while let (Some(a), Some(b)) = (s.get(si), k.get(ki)) {
+            let ra = PhysRange::new(PhysAddr(a.start.get()), a.len.get());
+            let rb = PhysRange::new(PhysAddr(b.start.get()), b.len.get());
+            if ra.overlaps(rb) {
+                return Err(ParseError::KfenceInScratch {
+                    offset: self.kfence.0 + (ki * 16) as u64,
+                    start: rb.start,
+                    len: rb.len,
+                    scratch_start: ra.start,
+                    scratch_len: ra.len,
+                });
+            }
+            // Ranges are validated in-arena, so the ends do not overflow.
+            if ra.start + ra.len <= rb.start {
+                si += 1;
+            } else {
+                ki += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_unpreserved(&self, kind: SectionKind) -> ParseResult<()> {
+        let (offset, ranges) = match kind {
+            SectionKind::Kfence => self.kfence,
+            _ => self.scratch,
+        };
+        for (i, r) in ranges.iter().enumerate() {
+            let (start, len) = (r.start.get(), r.len.get());
+            let first = start >> PAGE_SHIFT;
+            let end = first + (len >> PAGE_SHIFT);
+            if let Some((pfn, order)) = self.first_preserved_in(first, end) {
+                return Err(ParseError::PreservedInRange {
+                    offset: offset + (i * 16) as u64,
+                    kind,
+                    start,
+                    len,
+                    pfn,
+                    order,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The lowest-addressed preserved folio intersecting pages
+    /// `[first, end)`, as `(head, order)`.
+    fn first_preserved_in(&self, first: u64, end: u64) -> Option<(u64, u8)> {
+        let mut best: Option<(u64, u8)> = None;
+        if first >= end {
+            return None;
+        }
+        for (order, &(lo, hi)) in self.spans.iter().enumerate() {
+            let order = order as u8;
+            let blocks = &self.blocks[lo..hi];
+            if blocks.is_empty() {
+                continue;
+            }
+            let span = span(order);
+            let from = first & !(span - 1);
+            let start_bi = blocks.partition_point(|b| b.base_pfn.get() < from);
+            for b in &blocks[start_bi..] {
+                let base = b.base_pfn.get();
+                if base >= end {
+                    break;
+                }
+                // Folio indices in this block whose folio meets [first, end).
+                let lo_pfn = first.max(base) & !((1u64 << order) - 1);
+                let lo_idx = (lo_pfn - base) >> order;
+                let hi_pfn = end.min(base + span);
+                let hi_idx = (hi_pfn - base).div_ceil(1u64 << order);
+                if let Some(idx) = first_set_in(&b.bits, lo_idx, hi_idx) {
+                    let pfn = base + (idx << order);
+                    if best.is_none_or(|(p, _)| pfn < p) {
+                        best = Some((pfn, order));
+                    }
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    fn check_slab(&self, bytes: &'a [u8], offset: u64) -> ParseResult<SlabSection<'a>> {
+        let kind = SectionKind::Slab;
+        let Ok((h, rest)) = RawSlabHeader::ref_from_prefix(bytes) else {
+            return Err(ParseError::SectionLength {
+                offset,
+                kind,
+                expected: SLAB_HEADER_SIZE as u64,
+                found: bytes.len() as u64,
+            });
+        };
+        let (cc, pc, wc) = (
+            u64::from(h.cache_count.get()),
+            u64::from(h.page_count.get()),
+            u64::from(h.word_count.get()),
+        );
+        let expected = SLAB_HEADER_SIZE as u64
+            + cc * SLAB_CACHE_SIZE as u64
+            + pc * SLAB_PAGE_SIZE as u64
+            + wc * 8;
+        if expected != bytes.len() as u64 {
+            return Err(ParseError::SectionLength {
+                offset,
+                kind,
+                expected,
+                found: bytes.len() as u64,
+            });
+        }
+        if h.reserved.get() != 0 {
+            return Err(ParseError::Reserved {
+                offset: offset + 12,
+                found: u64::from(h.reserved.get()),
+            });
+        }
+        let caches_off = offset + SLAB_HEADER_SIZE as u64;
+        let pages_off = caches_off + cc * SLAB_CACHE_SIZE as u64;
+        let words_off = pages_off + pc * SLAB_PAGE_SIZE as u64;
+        let split = |b: &'a [u8], n: u64| b.split_at_checked(n as usize).unwrap_or((b, &[]));
+        let (cb, rest) = split(rest, cc * SLAB_CACHE_SIZE as u64);
+        let (pb, wb) = split(rest, pc * SLAB_PAGE_SIZE as u64);
+        let caches: &[RawSlabCache] = records(cb, caches_off, kind)?;
+        let pages: &[RawSlabPage] = records(pb, pages_off, kind)?;
+        let words: &[U64] = records(wb, words_off, kind)?;
+
+        let mut prev_id = None;
+        for (i, c) in caches.iter().enumerate() {
+            let off = caches_off + (i * SLAB_CACHE_SIZE) as u64;
+            let id = c.id.get();
+            if let Some(p) = prev_id {
+                if id <= p {
+                    return Err(ParseError::SlabCacheUnsorted {
+                        offset: off,
+                        expected: p,
+                        found: id,
+                    });
+                }
+            }
+            prev_id = Some(id);
+            reserved_bytes(&c.reserved, off + 17)?;
+            let field = |field, found: u64| ParseError::SlabCacheField {
+                offset: off,
+                field,
+                found,
+            };
+            let size = u64::from(c.object_size.get());
+            if size == 0 {
+                return Err(field("object_size", 0));
+            }
+            if !c.align.get().is_power_of_two() {
+                return Err(field("align", u64::from(c.align.get())));
+            }
+            let Some(order) = Order::new(c.order) else {
+                return Err(field("order", u64::from(c.order)));
+            };
+            let per = u64::from(c.objects_per_slab.get());
+            if per * size > order.bytes() {
+                return Err(field("objects_per_slab", per));
+            }
+            if name_of(&c.name).is_none() {
+                return Err(field("name", name_len(&c.name) as u64));
+            }
+        }
+
+        let mut prev_pfn = None;
+        let mut next_word = 0u64;
+        for (i, p) in pages.iter().enumerate() {
+            let off = pages_off + (i * SLAB_PAGE_SIZE) as u64;
+            let pfn = p.pfn.get();
+            if let Some(prev) = prev_pfn {
+                if pfn <= prev {
+                    return Err(ParseError::SlabPageUnsorted {
+                        offset: off,
+                        expected: prev,
+                        found: pfn,
+                    });
+                }
+            }
+            prev_pfn = Some(pfn);
+            reserved_bytes(&p.reserved, off + 13)?;
+            if p.reserved2.get() != 0 {
+                return Err(ParseError::Reserved {
+                    offset: off + 36,
+                    found: u64::from(p.reserved2.get()),
+                });
+            }
+            let field = |field, expected: u64, found: u64| ParseError::SlabPageField {
+                offset: off,
+                field,
+                expected,
+                found,
+            };
+            let id = p.cache_id.get();
+            let Ok(ci) = caches.binary_search_by_key(&id, |c| c.id.get()) else {
+                return Err(ParseError::SlabUnknownCache {
+                    offset: off + 8,
+                    found: id,
+                });
+            };
+            let cache = &caches[ci];
+            let Some(order) = Order::new(p.order) else {
+                return Err(field("order", u64::from(MAX_MAP_ORDER), u64::from(p.order)));
+            };
+            match self.is_preserved(Pfn(pfn)) {
+                Some((head, o)) if head.0 == pfn && o == order => {}
+                found => {
+                    return Err(ParseError::SlabPageNotPreserved {
+                        offset: off,
+                        pfn,
+                        order: p.order,
+                        found: found.map(|(h, o)| (h.0, o.get())),
+                    })
+                }
+            }
+            let size = u64::from(p.object_size.get());
+            if size != u64::from(cache.object_size.get()) {
+                return Err(field(
+                    "object_size",
+                    u64::from(cache.object_size.get()),
+                    size,
+                ));
+            }
+            let count = p.object_count.get();
+            if count == 0 {
+                return Err(field("object_count", 1, 0));
+            }
+            let objects_end = u64::from(p.first_offset.get()) + size * u64::from(count);
+            if objects_end > order.bytes() {
+                return Err(field("objects_end", order.bytes(), objects_end));
+            }
+            let nwords = u64::from(count.div_ceil(64));
+            if u64::from(p.bitmap_words.get()) != nwords {
+                return Err(field(
+                    "bitmap_words",
+                    nwords,
+                    u64::from(p.bitmap_words.get()),
+                ));
+            }
+            if u64::from(p.bitmap_index.get()) != next_word {
+                return Err(field(
+                    "bitmap_index",
+                    next_word,
+                    u64::from(p.bitmap_index.get()),
+                ));
+            }
+            let last = next_word + nwords - 1;
+            next_word += nwords;
+            let Some(w) = words.get(last as usize) else {
+                return Err(field("bitmap_index", wc, next_word));
+            };
+            let tail_bits = count % 64;
+            if tail_bits != 0 && w.get() >> tail_bits != 0 {
+                let bit = u64::from(tail_bits + (w.get() >> tail_bits).trailing_zeros());
+                return Err(ParseError::SlabBitmapTail {
+                    offset: words_off + last * 8,
+                    expected: count,
+                    found: (nwords - 1) * 64 + bit,
+                });
+            }
+        }
+        if next_word != wc {
+            return Err(ParseError::SlabPageField {
+                offset: offset + 8,
+                field: "word_count",
+                expected: next_word,
+                found: wc,
+            });
+        }
+        Ok(SlabSection {
+            offset,
+            caches,
+            pages,
+            words,
+        })
+    }
+
+    fn check_extents(&self, bytes: &'a [u8], offset: u64) -> ParseResult<&'a [RawExtent]> {
+        let extents: &[RawExtent] = records(bytes, offset, SectionKind::Extents)?;
+        let mut prev_end = 0u64;
+        for (i, e) in extents.iter().enumerate() {
+            let off = offset + (i * 24) as u64;
+            let (start, len) = (e.start.get(), e.len.get());
+            let Some(end) = start.checked_add(len).filter(|_| len != 0) else {
+                return Err(ParseError::ExtentInvalid {
+                    offset: off,
+                    start,
+                    len,
+                });
+            };
+            if i > 0 && start < prev_end {
+                return Err(ParseError::ExtentUnsorted {
+                    offset: off,
+                    expected: prev_end,
+                    found: start,
+                });
+            }
+            if e.reserved.get() != 0 {
+                return Err(ParseError::Reserved {
+                    offset: off + 20,
+                    found: u64::from(e.reserved.get()),
+                });
+            }
+            prev_end = end;
+        }
+        if extents.is_empty() {
+            return Ok(extents);
+        }
+        // A linear merge against the coalesced preserved runs.
+        let mut runs = self.coalesced();
+        let mut cur = runs.next();
+        for (i, e) in extents.iter().enumerate() {
+            let (start, len) = (e.start.get(), e.len.get());
+            let first = start >> PAGE_SHIFT;
+            let last = (start + (len - 1)) >> PAGE_SHIFT;
+            while let Some((_, end)) = cur {
+                if end > first {
+                    break;
+                }
+                cur = runs.next();
+            }
+            let found = match cur {
+                Some((s, _)) if s > first => Some(start),
+                Some((_, end)) if end <= last => Some(end << PAGE_SHIFT),
+                Some(_) => None,
+                None => Some(start),
+            };
+            if let Some(found) = found {
+                return Err(ParseError::ExtentNotPreserved {
+                    offset: offset + (i * 24) as u64,
+                    start,
+                    len,
+                    found,
+                });
+            }
+        }
+        Ok(extents)
+    }
+
+    fn coalesced(&self) -> Coalesced<'a> {
+        Coalesced {
+            merge: RunMerge::new(self.blocks, &self.spans),
+            pending: None,
+        }
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+
+    /// The image bytes (`image_len` bytes of the input).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Arena size in bytes.
+    pub fn arena_size(&self) -> u64 {
+        self.header.arena_size
+    }
+
+    /// First PFN past the arena.
+    pub fn arena_limit(&self) -> Pfn {
+        Pfn(self.header.arena_size >> PAGE_SHIFT)
+    }
+
+    /// The section table, in table order, unknown optional kinds included.
+    pub fn sections(&self) -> SectionIter<'a> {
+        SectionIter {
+            bytes: self.bytes,
+            next: self.header.table_offset,
+            stride: u64::from(self.header.entry_size),
+            left: self.header.section_count,
+        }
+    }
+
+    /// The table entry of a known kind, if present.
+    pub fn section(&self, kind: SectionKind) -> Option<SectionInfo> {
+        self.sections().find(|s| s.kind == kind)
+    }
+
+    /// The preserved folio containing `pfn`, as `(head, order)`: a binary
+    /// search per order on the mapped MEMMAP blocks.
+    pub fn is_preserved(&self, pfn: Pfn) -> Option<(Pfn, Order)> {
+        self.locate(pfn).map(|(head, order, _, _)| (head, order))
+    }
+
+    /// `(head, order, block index, bit)` of the preserved folio holding `pfn`.
+    pub(crate) fn locate(&self, pfn: Pfn) -> Option<(Pfn, Order, usize, u64)> {
+        for order in Order::all() {
+            let (lo, hi) = self.spans[order.index()];
+            if lo == hi {
+                continue;
+            }
+            let span = span(order.get());
+            let base = pfn.0 & !(span - 1);
+            let blocks = &self.blocks[lo..hi];
+            if let Ok(bi) = blocks.binary_search_by_key(&base, |b| b.base_pfn.get()) {
+                let idx = (pfn.0 - base) >> order.get();
+                let word = blocks[bi].bits[(idx / 64) as usize].get();
+                if word >> (idx % 64) & 1 != 0 {
+                    return Some((pfn.align_down(order), order, lo + bi, idx));
+                }
+            }
+        }
+        None
+    }
+
+    /// Index of the first block of `order` in the MEMMAP section.
+    pub(crate) fn first_block_of(&self, order: Order) -> usize {
+        self.spans[order.index()].0
+    }
+
+    /// Index of the block of `order` based at `base`.
+    pub(crate) fn block_index(&self, order: Order, base: u64) -> Option<usize> {
+        let (lo, hi) = self.spans[order.index()];
+        let blocks = self.blocks.get(lo..hi)?;
+        blocks
+            .binary_search_by_key(&base, |b| b.base_pfn.get())
+            .ok()
+            .map(|i| lo + i)
+    }
+
+    /// Number of MEMMAP blocks.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The MEMMAP blocks of one order, by base.
+    pub fn blocks_of(&self, order: Order) -> ImageBlocks<'a> {
+        let (lo, hi) = self.spans[order.index()];
+        ImageBlocks {
+            order,
+            iter: self.blocks[lo..hi].iter(),
+        }
+    }
+
+    /// Every MEMMAP block in image order, `(order, base)`.
+    pub fn blocks(&self) -> impl Iterator<Item = BlockBits> + 'a {
+        let spans = self.spans;
+        let blocks = self.blocks;
+        Order::all().flat_map(move |o| {
+            let (lo, hi) = spans[o.index()];
+            ImageBlocks {
+                order: o,
+                iter: blocks[lo..hi].iter(),
+            }
+        })
+    }
+
+    /// Every preserved folio in address order.
+    pub fn folios(&self) -> ImageFolios<'a> {
+        Folios::new(Order::all().map(|o| self.blocks_of(o)))
+    }
+
+    /// Preserved memory as maximal runs of pages, in address order.
+    pub fn ranges(&self) -> ImageRanges<'a> {
+        Ranges::new(self.folios())
+    }
+
+    /// Number of preserved folios of `order` (a popcount of its blocks).
+    pub fn folios_of(&self, order: Order) -> u64 {
+        let (lo, hi) = self.spans[order.index()];
+        self.blocks[lo..hi]
+            .iter()
+            .flat_map(|b| b.bits.iter())
+            .map(|w| u64::from(w.get().count_ones()))
+            .sum()
+    }
+
+    /// Number of preserved folios.
+    pub fn folio_count(&self) -> u64 {
+        Order::all().map(|o| self.folios_of(o)).sum()
+    }
+
+    /// Preserved bytes per order, indexed by order.
+    pub fn bytes_per_order(&self) -> [u64; NR_ORDERS] {
+        let mut out = [0u64; NR_ORDERS];
+        for o in Order::all() {
+            out[o.index()] = self.folios_of(o) * o.bytes();
+        }
+        out
+    }
+
+    /// Preserved bytes in total.
+    pub fn preserved_bytes(&self) -> u64 {
+        self.bytes_per_order().iter().sum()
+    }
+
+    /// The preserved map rebuilt in memory.
+    pub fn to_map(&self) -> crate::PreservedMap {
+        let mut map = crate::PreservedMap::new(self.arena_limit());
+        for order in Order::all() {
+            let (lo, hi) = self.spans[order.index()];
+            let mut runs = OrderRuns::new(&self.blocks[lo..hi], lo, order.get());
+            while let Some(p) = runs.next_piece() {
+                let count = (p.end - p.start) >> order.get();
+                let done = map.preserve_folios(Pfn(p.start), order, count);
+                // Parsing proved the folios disjoint and inside the arena.
+                debug_assert!(done.is_ok(), "{done:?}");
+            }
+        }
+        map
+    }
+
+    /// Scratch ranges, by address.
+    pub fn scratch(&self) -> RangeIter<'a> {
+        RangeIter {
+            iter: self.scratch.1.iter(),
+        }
+    }
+
+    /// KFENCE pool ranges, by address.
+    pub fn kfence(&self) -> RangeIter<'a> {
+        RangeIter {
+            iter: self.kfence.1.iter(),
+        }
+    }
+
+    /// Slab cache records, by id.
+    pub fn slab_caches(&self) -> SlabCacheIter<'a> {
+        SlabCacheIter {
+            iter: self.slab.caches.iter(),
+        }
+    }
+
+    /// The cache record with `id`.
+    pub fn slab_cache(&self, id: u32) -> Option<SlabCacheView<'a>> {
+        let caches = self.slab.caches;
+        let i = caches.binary_search_by_key(&id, |c| c.id.get()).ok()?;
+        caches.get(i).map(|raw| SlabCacheView { raw })
+    }
+
+    /// Preserved slab pages, by PFN.
+    pub fn slab_pages(&self) -> SlabPageIter<'a> {
+        SlabPageIter {
+            iter: self.slab.pages.iter(),
+            words: self.slab.words,
+        }
+    }
+
+    /// The slab page record headed at `pfn`.
+    pub fn slab_page(&self, pfn: Pfn) -> Option<SlabPageView<'a>> {
+        let pages = self.slab.pages;
+        let i = pages.binary_search_by_key(&pfn.0, |p| p.pfn.get()).ok()?;
+        pages
+            .get(i)
+            .map(|raw| SlabPageView::new(raw, self.slab.words))
+    }
+
+    /// Offset of the SLAB section (0 when absent).
+    pub fn slab_offset(&self) -> u64 {
+        self.slab.offset
+    }
+
+    /// Valid-byte extents, by address.
+    pub fn extents(&self) -> ExtentIter<'a> {
+        ExtentIter {
+            iter: self.extents.1.iter(),
+        }
+    }
+
+    /// The metadata tree, or `None` when the TREE section is absent or
+    /// empty.
+    pub fn tree(&self) -> Option<&Tree> {
+        self.tree.as_ref()
+    }
+
+    /// The raw TREE section bytes (empty when absent).
+    pub fn tree_bytes(&self) -> &'a [u8] {
+        self.tree_bytes
+    }
+
+    /// Offset of the TREE section (0 when absent).
+    pub fn tree_offset(&self) -> u64 {
+        self.tree_offset
+    }
+}
+
+/// CRC32 of a header with its `header_crc32` field read as zero.
+pub(crate) fn header_crc(head: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head.get(..HEADER_CRC_OFFSET).unwrap_or(head));
+    h.update(&[0; 4]);
+    h.update(head.get(HEADER_CRC_OFFSET + 4..).unwrap_or(&[]));
+    h.finalize()
+}
+
+fn entry(image: &[u8], eo: u64) -> ParseResult<&RawSection> {
+    RawSection::ref_from_prefix(sub(image, eo, ENTRY_SIZE as u64)?)
+        .map(|(e, _)| e)
+        .map_err(|_| ParseError::Truncated {
+            offset: eo,
+            expected: ENTRY_SIZE as u64,
+            found: image.len() as u64,
+        })
+}
+
+/// Table bounds and CRC, then each entry; returns `(offset, len)` per known
+/// kind.
+fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<(u64, u64)>; 6]> {
+    let hs = u64::from(h.header_size);
+    let stride = u64::from(h.entry_size);
+    let tlen = u64::from(h.section_count) * stride;
+    let tend = h.table_offset.checked_add(tlen);
+    if h.table_offset % SECTION_ALIGN != 0
+        || h.table_offset < hs
+        || tend.is_none_or(|e| e > h.image_len)
+    {
+        return Err(ParseError::TableBounds {
+            offset: 48,
+            expected_min: hs,
+            expected_max: h.image_len,
+            found: h.table_offset,
+            len: tlen,
+        });
+    }
+    let tend = h.table_offset + tlen;
+    let table = sub(image, h.table_offset, tlen)?;
+    let found = crc32fast::hash(table);
+    if found != h.table_crc32 {
+        return Err(ParseError::TableCrc {
+            offset: h.table_offset,
+            expected: h.table_crc32,
+            found,
+        });
+    }
+    zero_padding(image, hs, h.table_offset)?;
+
+    let mut located = [None; 6];
+    let mut prev_end = tend;
+    for i in 0..u64::from(h.section_count) {
+        let eo = h.table_offset + i * stride;
+        let e = entry(image, eo)?;
+        reserved_bytes(
+            sub(image, eo + ENTRY_SIZE as u64, stride - ENTRY_SIZE as u64)?,
+            eo + ENTRY_SIZE as u64,
+        )?;
+        if e.reserved.get() != 0 {
+            return Err(ParseError::Reserved {
+                offset: eo + 28,
+                found: u64::from(e.reserved.get()),
+            });
+        }
+        let flags = e.flags.get();
+        if flags & !SECTION_REQUIRED != 0 {
+            return Err(ParseError::SectionFlags {
+                offset: eo + 4,
+                expected: SECTION_REQUIRED,
+                found: flags,
+            });
+        }
+        let kind = SectionKind::from_raw(e.kind.get());
+        let (start, len) = (e.offset.get(), e.len.get());
+        match kind.index() {
+            Some(k) if located[k].is_some() => {
+                return Err(ParseError::DuplicateSection { offset: eo, kind })
+            }
+            None if flags & SECTION_REQUIRED != 0 => {
+                return Err(ParseError::UnknownRequiredSection {
+                    offset: eo,
+                    found: e.kind.get(),
+                })
+            }
+            _ => {}
+        }
+        let end = start.checked_add(len);
+        if start % SECTION_ALIGN != 0 || end.is_none_or(|e| e > h.image_len) {
+            return Err(ParseError::SectionBounds {
+                offset: eo,
+                kind,
+                start,
+                len,
+                image_len: h.image_len,
+            });
+        }
+        if start < prev_end {
+            return Err(ParseError::SectionOverlap {
+                offset: eo,
+                kind,
+                expected: prev_end,
+                found: start,
+            });
+        }
+        zero_padding(image, prev_end, start)?;
+        prev_end = start + len;
+        if let Some(k) = kind.index() {
+            located[k] = Some((start, len));
+        }
+    }
+    zero_padding(image, prev_end, h.image_len)?;
+    if located[0].is_none() {
+        return Err(ParseError::MissingSection {
+            offset: h.table_offset,
+            kind: SectionKind::Memmap,
+        });
+    }
+    Ok(located)
+}
+
+/// Iterator over the section table; see [`Image::sections`].
+#[derive(Debug, Clone)]
+pub struct SectionIter<'a> {
+    bytes: &'a [u8],
+    next: u64,
+    stride: u64,
+    left: u32,
+}
+
+impl Iterator for SectionIter<'_> {
+    type Item = SectionInfo;
+
+    fn next(&mut self) -> Option<SectionInfo> {
+        if self.left == 0 {
+            return None;
+        }
+        let e = entry(self.bytes, self.next).ok()?;
+        self.left -= 1;
+        self.next += self.stride;
+        Some(SectionInfo {
+            kind: SectionKind::from_raw(e.kind.get()),
+            flags: e.flags.get(),
+            offset: e.offset.get(),
+            len: e.len.get(),
+            crc32: e.crc32.get(),
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left as usize, Some(self.left as usize))
+    }
+}
+
+/// One order's MEMMAP blocks as [`BlockBits`], read from the image.
+#[derive(Debug, Clone)]
+pub struct ImageBlocks<'a> {
+    order: Order,
+    iter: core::slice::Iter<'a, RawBlock>,
+}
+
+impl Iterator for ImageBlocks<'_> {
+    type Item = BlockBits;
+
+    #[inline]
+    fn next(&mut self) -> Option<BlockBits> {
+        let b = self.iter.next()?;
+        Some(BlockBits {
+            order: self.order,
+            base: Pfn(b.base_pfn.get()),
+            words: core::array::from_fn(|i| b.bits[i].get()),
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.iter.size_hint()
+    }
+}
+
+/// Preserved folios of an image in address order; see [`Image::folios`].
+pub type ImageFolios<'a> = Folios<ImageBlocks<'a>>;
+/// Coalesced preserved runs of an image; see [`Image::ranges`].
+pub type ImageRanges<'a> = Ranges<ImageFolios<'a>>;
+
+/// SCRATCH or KFENCE ranges; see [`Image::scratch`].
+#[derive(Debug, Clone)]
+pub struct RangeIter<'a> {
+    iter: core::slice::Iter<'a, RawRange>,
+}
+
+impl Iterator for RangeIter<'_> {
+    type Item = PhysRange;
+
+    fn next(&mut self) -> Option<PhysRange> {
+        let r = self.iter.next()?;
+        Some(PhysRange::new(PhysAddr(r.start.get()), r.len.get()))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.iter.size_hint()
+    }
+}
+
+impl ExactSizeIterator for RangeIter<'_> {}
+
+/// EXTENTS records; see [`Image::extents`].
+#[derive(Debug, Clone)]
+pub struct ExtentIter<'a> {
+    iter: core::slice::Iter<'a, RawExtent>,
+}
+
+impl Iterator for ExtentIter<'_> {
+    type Item = Extent;
+
+    fn next(&mut self) -> Option<Extent> {
+        let e = self.iter.next()?;
+        Some(Extent {
+            range: PhysRange::new(PhysAddr(e.start.get()), e.len.get()),
+            tag: e.tag.get(),
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.iter.size_hint()
+    }
+}
+
+impl ExactSizeIterator for ExtentIter<'_> {}
+
+fn name_len(name: &[u8; CACHE_NAME_LEN]) -> usize {
+    name.iter().position(|&b| b == 0).unwrap_or(CACHE_NAME_LEN)
+}
+
+/// The name if it is UTF-8 followed only by NUL bytes.
+fn name_of(name: &[u8; CACHE_NAME_LEN]) -> Option<&str> {
+    let n = name_len(name);
+    let (text, pad) = name.split_at(n);
+    if pad.iter().any(|&b| b != 0) {
+        return None;
+    }
+    core::str::from_utf8(text).ok()
+}
+
+/// A validated slab cache record, read in place.
+#[derive(Clone, Copy)]
+pub struct SlabCacheView<'a> {
+    raw: &'a RawSlabCache,
+}
+
+impl fmt::Debug for SlabCacheView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlabCache")
+            .field("id", &self.id())
+            .field("name", &self.name())
+            .field("object_size", &self.object_size())
+            .field("align", &self.align())
+            .field("objects_per_slab", &self.objects_per_slab())
+            .field("order", &self.order())
+            .finish()
+    }
+}
+
+impl<'a> SlabCacheView<'a> {
+    /// Cache id.
+    pub fn id(&self) -> u32 {
+        self.raw.id.get()
+    }
+    /// Cache name.
+    pub fn name(&self) -> &'a str {
+        // Validated at parse: UTF-8 then NUL padding.
+        name_of(&self.raw.name).unwrap_or("")
+    }
+    /// Object size in bytes.
+    pub fn object_size(&self) -> u32 {
+        self.raw.object_size.get()
+    }
+    /// Object alignment.
+    pub fn align(&self) -> u32 {
+        self.raw.align.get()
+    }
+    /// Objects per slab page.
+    pub fn objects_per_slab(&self) -> u32 {
+        self.raw.objects_per_slab.get()
+    }
+    /// Order of the cache's slab folios.
+    pub fn order(&self) -> Order {
+        // Validated at parse.
+        Order::new(self.raw.order).unwrap_or(Order::MAX)
+    }
+}
+
+/// Slab cache records; see [`Image::slab_caches`].
+#[derive(Debug, Clone)]
+pub struct SlabCacheIter<'a> {
+    iter: core::slice::Iter<'a, RawSlabCache>,
+}
+
+impl<'a> Iterator for SlabCacheIter<'a> {
+    type Item = SlabCacheView<'a>;
+
+    fn next(&mut self) -> Option<SlabCacheView<'a>> {
+        self.iter.next().map(|raw| SlabCacheView { raw })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.iter.size_hint()
+    }
+}
+
+impl ExactSizeIterator for SlabCacheIter<'_> {}
+
+/// A validated slab page record and its allocation bitmap, read in place.
+#[derive(Clone, Copy)]
+pub struct SlabPageView<'a> {
+    raw: &'a RawSlabPage,
+    bitmap: &'a [U64],
+}
+
+impl fmt::Debug for SlabPageView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlabPage")
+            .field("pfn", &self.pfn())
+            .field("cache_id", &self.cache_id())
+            .field("order", &self.order())
+            .field("object_size", &self.object_size())
+            .field("object_count", &self.object_count())
+            .field("first_offset", &self.first_offset())
+            .field("allocated", &self.allocated_count())
+            .finish()
+    }
+}
+
+impl<'a> SlabPageView<'a> {
+    fn new(raw: &'a RawSlabPage, words: &'a [U64]) -> Self {
+        let lo = raw.bitmap_index.get() as usize;
+        let hi = lo.saturating_add(raw.bitmap_words.get() as usize);
+        SlabPageView {
+            raw,
+            bitmap: words.get(lo..hi).unwrap_or(&[]),
+        }
+    }
+    /// Head PFN of the slab folio.
+    pub fn pfn(&self) -> Pfn {
+        Pfn(self.raw.pfn.get())
+    }
+    /// The owning cache id.
+    pub fn cache_id(&self) -> u32 {
+        self.raw.cache_id.get()
+    }
+    /// Folio order.
+    pub fn order(&self) -> Order {
+        // Validated at parse.
+        Order::new(self.raw.order).unwrap_or(Order::MAX)
+    }
+    /// Object size in bytes.
+    pub fn object_size(&self) -> u32 {
+        self.raw.object_size.get()
+    }
+    /// Objects in this slab.
+    pub fn object_count(&self) -> u32 {
+        self.raw.object_count.get()
+    }
+    /// Offset of object 0 from the folio start.
+    pub fn first_offset(&self) -> u32 {
+        self.raw.first_offset.get()
+    }
+    /// Arena address of object `i`, if `i < object_count`.
+    pub fn object_addr(&self, i: u32) -> Option<PhysAddr> {
+        if i >= self.object_count() {
+            return None;
+        }
+        let off = u64::from(self.first_offset()) + u64::from(i) * u64::from(self.object_size());
+        self.pfn().addr()?.checked_add(off)
+    }
+    /// Whether object `i` is allocated (false past `object_count`).
+    pub fn is_allocated(&self, i: u32) -> bool {
+        i < self.object_count()
+            && self
+                .bitmap
+                .get((i / 64) as usize)
+                .is_some_and(|w| w.get() >> (i % 64) & 1 != 0)
+    }
+    /// The allocation bitmap words, bit `i` for object `i`.
+    pub fn bitmap_words(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.bitmap.iter().map(|w| w.get())
+    }
+    /// Number of allocated objects.
+    pub fn allocated_count(&self) -> u32 {
+        self.bitmap.iter().map(|w| w.get().count_ones()).sum()
+    }
+    /// Indices of the allocated objects, ascending.
+    pub fn allocated(&self) -> impl Iterator<Item = u32> + 'a {
+        let bitmap = self.bitmap;
+        (0..bitmap.len()).flat_map(move |wi| {
+            let mut w = bitmap[wi].get();
+            core::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros();
+                w &= w - 1;
+                Some(wi as u32 * 64 + b)
+            })
+        })
+    }
+}
+
+/// Slab page records; see [`Image::slab_pages`].
+#[derive(Debug, Clone)]
+pub struct SlabPageIter<'a> {
+    iter: core::slice::Iter<'a, RawSlabPage>,
+    words: &'a [U64],
+}
+
+impl<'a> Iterator for SlabPageIter<'a> {
+    type Item = SlabPageView<'a>;
+
+    fn next(&mut self) -> Option<SlabPageView<'a>> {
+        self.iter
+            .next()
+            .map(|raw| SlabPageView::new(raw, self.words))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.iter.size_hint()
+    }
+}
+
+impl ExactSizeIterator for SlabPageIter<'_> {}
