@@ -89,7 +89,7 @@
 //! [`Tree::decode`] checks the total length first, then reads the flat list
 //! with an explicit stack (never recursion), checks each claimed count
 //! against both its cap and the bytes left before reserving anything (a node
-//! takes at least 4 bytes, a property at least 4), checks name and value
+//! takes at least 4 bytes, a property at least 3), checks name and value
 //! sizes while they are still borrowed from the input, and finally checks
 //! names, uniqueness and canonical form. Every rejection is its own
 //! [`TreeError`] variant. [`Tree::encode`] applies the same checks, so it never
@@ -101,6 +101,7 @@
 
 use core::fmt;
 use std::collections::HashSet;
+use std::rc::Rc;
 
 use serde::ser::{SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
@@ -113,9 +114,9 @@ pub const TREE_VERSION: u8 = 1;
 /// Smallest possible encoding of one node: parent, name length, compatible
 /// length and property count, one varint byte each.
 const MIN_NODE_BYTES: usize = 4;
-/// Smallest possible encoding of one property: name length, one name byte,
-/// type tag and a one-byte value.
-const MIN_PROP_BYTES: usize = 4;
+/// Smallest possible encoding of one property: name length, type tag and a
+/// one-byte value (an empty name is rejected later, with a precise error).
+const MIN_PROP_BYTES: usize = 3;
 
 /// Caps applied by [`Tree::decode`] and [`Tree::encode_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1070,10 +1071,10 @@ impl Tree {
     /// recursion.
     fn flatten(&self, limits: &TreeLimits) -> TreeResult<Vec<WireNode<'_>>> {
         let mut out: Vec<WireNode<'_>> = Vec::new();
-        // (node, parent index, depth, path)
-        let mut stack: Vec<(&Node, u32, usize, String)> =
-            vec![(&self.root, 0, 0, String::from("/"))];
-        while let Some((node, parent, depth, path)) = stack.pop() {
+        // (node, parent index, depth, parent's path); siblings share the
+        // parent's path.
+        let mut stack: Vec<(&Node, u32, usize, Rc<str>)> = vec![(&self.root, 0, 0, Rc::from(""))];
+        while let Some((node, parent, depth, parent_path)) = stack.pop() {
             let index = out.len();
             if index >= limits.max_nodes {
                 return Err(TreeError::TooManyNodes {
@@ -1085,6 +1086,11 @@ impl Tree {
                 found: self.node_count() as u64,
                 max: u32::MAX as usize,
             })?;
+            let path = if index == 0 {
+                String::from("/")
+            } else {
+                join(&parent_path, &node.name)
+            };
             if depth > limits.max_depth {
                 return Err(TreeError::TooDeep {
                     path,
@@ -1092,15 +1098,18 @@ impl Tree {
                     max: limits.max_depth,
                 });
             }
-            check_node(node, index == 0, &path, limits)?;
+            check_node(node, index == 0, &parent_path, &path, limits)?;
             out.push(WireNode {
                 parent,
                 name: &node.name,
                 compatible: &node.compatible,
                 props: node.props.iter().map(WireProp::from_property).collect(),
             });
-            for child in node.children.iter().rev() {
-                stack.push((child, index, depth + 1, join(&path, &child.name)));
+            if !node.children.is_empty() {
+                let shared: Rc<str> = Rc::from(path);
+                for child in node.children.iter().rev() {
+                    stack.push((child, index, depth + 1, Rc::clone(&shared)));
+                }
             }
         }
         Ok(out)
@@ -1132,11 +1141,13 @@ fn open_path_parent(open: &[(u32, Node)]) -> String {
 }
 
 /// The per-node rules: names, lengths, counts, uniqueness.
-fn check_node(node: &Node, is_root: bool, path: &str, limits: &TreeLimits) -> TreeResult<()> {
-    let parent_path = || match path.rfind('/') {
-        Some(0) | None => String::from("/"),
-        Some(i) => path[..i].to_owned(),
-    };
+fn check_node(
+    node: &Node,
+    is_root: bool,
+    parent_path: &str,
+    path: &str,
+    limits: &TreeLimits,
+) -> TreeResult<()> {
     if is_root {
         if !node.name.is_empty() {
             return Err(TreeError::BadName {
@@ -1149,7 +1160,7 @@ fn check_node(node: &Node, is_root: bool, path: &str, limits: &TreeLimits) -> Tr
     } else {
         if node.name.len() > limits.max_name_len {
             return Err(TreeError::NameTooLong {
-                path: parent_path(),
+                path: parent_path.to_owned(),
                 what: "node name",
                 len: node.name.len(),
                 max: limits.max_name_len,
@@ -1157,7 +1168,7 @@ fn check_node(node: &Node, is_root: bool, path: &str, limits: &TreeLimits) -> Tr
         }
         if let Some(expected) = name_fault(&node.name) {
             return Err(TreeError::BadName {
-                path: parent_path(),
+                path: parent_path.to_owned(),
                 what: "node name",
                 expected,
                 name: node.name.clone(),
@@ -1428,11 +1439,72 @@ fn write_dump(f: &mut fmt::Formatter<'_>, top: &Node, top_is_root: bool) -> fmt:
     }
     Ok(())
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::addr::PhysAddr;
+    use proptest::prelude::*;
+
+    /// Writes tree encodings field by field, so malformed inputs are built
+    /// in code rather than hand-edited bytes.
+    struct Enc(Vec<u8>);
+
+    impl Enc {
+        /// Starts with the current version byte.
+        fn new() -> Self {
+            Enc(vec![TREE_VERSION])
+        }
+
+        fn raw(mut self, bytes: &[u8]) -> Self {
+            self.0.extend_from_slice(bytes);
+            self
+        }
+
+        /// Minimal unsigned LEB128, as postcard writes it.
+        fn var(mut self, mut v: u64) -> Self {
+            loop {
+                let low = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    self.0.push(low);
+                    return self;
+                }
+                self.0.push(low | 0x80);
+            }
+        }
+
+        fn str(self, s: &str) -> Self {
+            self.var(s.len() as u64).raw(s.as_bytes())
+        }
+
+        fn node(self, parent: u64, name: &str, compatible: &str, nprops: u64) -> Self {
+            self.var(parent).str(name).str(compatible).var(nprops)
+        }
+
+        fn prop_u64(self, name: &str, v: u64) -> Self {
+            self.str(name).var(0).var(v)
+        }
+
+        fn prop_bytes(self, name: &str, b: &[u8]) -> Self {
+            self.str(name).var(1).var(b.len() as u64).raw(b)
+        }
+
+        fn prop_str(self, name: &str, v: &str) -> Self {
+            self.str(name).var(2).str(v)
+        }
+
+        fn prop_range(self, name: &str, r: PhysRange) -> Self {
+            self.str(name).var(3).var(r.start).var(r.len)
+        }
+    }
+
+    fn lim() -> TreeLimits {
+        TreeLimits::default()
+    }
+
+    fn decode(bytes: &[u8]) -> TreeResult<Tree> {
+        Tree::decode(bytes, &lim())
+    }
 
     fn sample() -> Tree {
         Tree::new(
@@ -1440,7 +1512,7 @@ mod tests {
                 .with_u64("generation", 7)
                 .with_child(
                     Node::new("kv-store", "kv-store-v1")
-                        .with_u64("entries", 3)
+                        .with_u64("entries", 300)
                         .with_range("index", PhysRange::new(PhysAddr(0x10000), 0x2000))
                         .with_bytes("key", vec![0xde, 0xad])
                         .with_str("label", "main")
@@ -1453,17 +1525,923 @@ mod tests {
         )
     }
 
+    /// A chain of `n` nodes, each the only child of the previous one.
+    fn chain(n: u64) -> Vec<u8> {
+        let mut e = Enc::new().var(n).node(0, "", "", 0);
+        for i in 1..n {
+            e = e.node(i - 1, "n", "", 0);
+        }
+        e.0
+    }
+
+    /// A tree of `depth + 1` nodes in one chain.
+    fn deep_tree(depth: usize) -> Tree {
+        let mut node = Node::new("n", "");
+        for _ in 1..depth {
+            node = Node::new("n", "").with_child(node);
+        }
+        let root = Node::root("");
+        Tree::new(if depth == 0 {
+            root
+        } else {
+            root.with_child(node)
+        })
+    }
+
     #[test]
-    fn round_trip_sample() {
+    fn encoding_matches_the_documented_layout() {
+        let expected = Enc::new()
+            .var(4)
+            .node(0, "", "kho-root-v1", 1)
+            .prop_u64("generation", 7)
+            .node(0, "kv-store", "kv-store-v1", 4)
+            .prop_u64("entries", 300)
+            .prop_range("index", PhysRange::new(PhysAddr(0x10000), 0x2000))
+            .prop_bytes("key", &[0xde, 0xad])
+            .prop_str("label", "main")
+            .node(1, "shard0", "kv-shard-v1", 1)
+            .prop_range("data", PhysRange::new(PhysAddr(0x40000), 0x1000))
+            .node(0, "slab", "slab-v1", 0)
+            .0;
         let t = sample();
         let bytes = t.encode().unwrap();
-        assert_eq!(bytes[0], TREE_VERSION);
-        let back = Tree::decode(&bytes, &TreeLimits::default()).unwrap();
-        assert_eq!(back, t);
-        // The hand-written reader and postcard's own derive agree.
+        assert_eq!(bytes, expected);
+        // 300 as a varint is two bytes, low group first.
+        let at = bytes.windows(2).position(|w| w == [0xac, 0x02]);
+        assert!(at.is_some());
+        assert_eq!(decode(&bytes).unwrap(), t);
+        // The hand-written reader and postcard's derive read the same thing.
         let wire: WireTree<'_> = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(wire.nodes.len(), 4);
-        assert_eq!(wire.nodes[2].parent, 1);
-        assert_eq!(wire.nodes[3].parent, 0);
+        assert_eq!(wire.version, TREE_VERSION);
+        let parents: Vec<u32> = wire.nodes.iter().map(|n| n.parent).collect();
+        assert_eq!(parents, [0, 0, 1, 0]);
+        assert_eq!(wire.nodes[1].props[3].value, WireValue::Str("main"));
+    }
+
+    #[test]
+    fn lookups_and_typed_getters() {
+        let t = sample();
+        assert_eq!(t.node("/").unwrap().compatible, "kho-root-v1");
+        assert_eq!(t.node("/").unwrap().path(), "/");
+        let kv = t.node("/kv-store").unwrap();
+        assert_eq!(kv.path(), "/kv-store");
+        kv.expect_compatible("kv-store-v1").unwrap();
+        assert_eq!(kv.u64_prop("entries").unwrap(), 300);
+        assert_eq!(kv.bytes_prop("key").unwrap(), [0xde, 0xad]);
+        assert_eq!(kv.str_prop("label").unwrap(), "main");
+        assert_eq!(
+            kv.range_prop("index").unwrap(),
+            PhysRange::new(PhysAddr(0x10000), 0x2000)
+        );
+        let shard = t.node("/kv-store/shard0/").unwrap();
+        assert_eq!(shard.path(), "/kv-store/shard0");
+        assert_eq!(kv.child("shard0").unwrap().path(), "/kv-store/shard0");
+        assert_eq!(kv.children().count(), 1);
+        assert_eq!(t.root().child("slab").unwrap().compatible, "slab-v1");
+        assert!(t.root().child("nope").is_none());
+        assert!(kv.prop("nope").is_none());
+        assert_eq!(kv.value("entries"), Some(&Value::U64(300)));
+        // Node's own getters name the node by its name.
+        assert_eq!(
+            kv.node().u64_prop("label"),
+            Err(TreeError::WrongType {
+                path: "kv-store".into(),
+                prop: "label".into(),
+                expected: "u64",
+                found: "string",
+            })
+        );
+        assert_eq!(t.node_count(), 4);
+        assert_eq!(t.depth(), 2);
+    }
+
+    #[test]
+    fn lookup_errors() {
+        let t = sample();
+        let kv = t.node("/kv-store").unwrap();
+        assert_eq!(
+            kv.u64_prop("missing"),
+            Err(TreeError::Missing {
+                path: "/kv-store".into(),
+                prop: "missing".into()
+            })
+        );
+        assert_eq!(
+            kv.range_prop("entries"),
+            Err(TreeError::WrongType {
+                path: "/kv-store".into(),
+                prop: "entries".into(),
+                expected: "range",
+                found: "u64",
+            })
+        );
+        assert!(matches!(
+            kv.bytes_prop("label"),
+            Err(TreeError::WrongType {
+                found: "string",
+                ..
+            })
+        ));
+        assert!(matches!(
+            kv.str_prop("key"),
+            Err(TreeError::WrongType { found: "bytes", .. })
+        ));
+        assert_eq!(
+            kv.expect_compatible("kv-store-v2"),
+            Err(TreeError::Incompatible {
+                path: "/kv-store".into(),
+                expected: "kv-store-v2".into(),
+                found: "kv-store-v1".into(),
+            })
+        );
+        assert_eq!(
+            t.root().expect_compatible("x"),
+            Err(TreeError::Incompatible {
+                path: "/".into(),
+                expected: "x".into(),
+                found: "kho-root-v1".into(),
+            })
+        );
+        for path in ["/kv-store/shard1", "kv-store", "/slab/x", ""] {
+            assert_eq!(
+                t.node(path).map(|n| n.path().to_owned()),
+                Err(TreeError::NotFound { path: path.into() })
+            );
+        }
+    }
+
+    #[test]
+    fn walk_and_ranges_are_pre_order() {
+        let t = sample();
+        let paths: Vec<String> = t.walk().map(|(p, _)| p).collect();
+        assert_eq!(paths, ["/", "/kv-store", "/kv-store/shard0", "/slab"]);
+        let ranges: Vec<(String, &str, PhysRange)> = t.ranges().collect();
+        assert_eq!(
+            ranges,
+            [
+                (
+                    "/kv-store".to_owned(),
+                    "index",
+                    PhysRange::new(PhysAddr(0x10000), 0x2000)
+                ),
+                (
+                    "/kv-store/shard0".to_owned(),
+                    "data",
+                    PhysRange::new(PhysAddr(0x40000), 0x1000)
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn builders_replace_and_remove() {
+        let mut n = Node::new("a", "c").with_u64("x", 1).with_str("x", "two");
+        assert_eq!(n.props.len(), 1);
+        assert_eq!(n.str_prop("x").unwrap(), "two");
+        n.set_prop("y", PhysRange::new(PhysAddr(1), 2));
+        n.push_child(Node::new("k", ""));
+        n.child_mut("k").unwrap().set_prop("z", &b"zz"[..]);
+        assert_eq!(n.remove_prop("x"), Some(Value::Str("two".into())));
+        assert_eq!(n.remove_prop("x"), None);
+        assert_eq!(n.child("k").unwrap().bytes_prop("z").unwrap(), b"zz");
+        assert_eq!(Value::from(5u64).as_u64(), Some(5));
+        assert_eq!(Value::from(String::from("s")).as_str(), Some("s"));
+        assert_eq!(Value::from(vec![1u8]).as_bytes(), Some(&[1u8][..]));
+        assert_eq!(Value::from("s").as_range(), None);
+        assert_eq!(Property::new("p", 3u64).value, Value::U64(3));
+        let t = Tree::new(Node::root("r").with_child(n));
+        assert_eq!(t.clone().into_root(), *t.root());
+    }
+
+    #[test]
+    fn display_dump() {
+        let mut t = sample();
+        t.root_mut().set_prop("blob", vec![0u8; 70]);
+        let text = t.to_string();
+        let expected_head = "/ {\n\tcompatible = \"kho-root-v1\";\n\tgeneration = <0x7>;\n";
+        assert!(text.starts_with(expected_head), "{text}");
+        assert!(text.contains("\tkv-store {\n\t\tcompatible = \"kv-store-v1\";\n"));
+        assert!(text.contains("\t\tentries = <0x12c>;\n"));
+        assert!(text.contains("\t\tindex = <range 0x10000 +0x2000>;\n"));
+        assert!(text.contains("\t\tkey = [de ad];\n"));
+        assert!(text.contains("\t\tlabel = \"main\";\n"));
+        assert!(text.contains("\t\tshard0 {\n\t\t\tcompatible = \"kv-shard-v1\";\n"));
+        assert!(text.contains(" ...] /* 70 bytes */;\n"));
+        assert!(text.ends_with("\tslab {\n\t\tcompatible = \"slab-v1\";\n\t};\n};\n"));
+        let braces_open = text.matches('{').count();
+        assert_eq!(braces_open, text.matches("};").count());
+        let kv = t.root().child("kv-store").unwrap().to_string();
+        assert!(kv.starts_with("kv-store {\n"));
+    }
+
+    #[test]
+    fn json_output() {
+        let t = Tree::new(
+            Node::root("r").with_child(
+                Node::new("a", "a-v1")
+                    .with_u64("n", 5)
+                    .with_bytes("b", vec![0x00, 0xab, 0x7f])
+                    .with_str("s", "x\"y")
+                    .with_range("r", PhysRange::new(PhysAddr(0x1000), 0x20)),
+            ),
+        );
+        let json = serde_json::to_value(&t).unwrap();
+        let expected = serde_json::json!({
+            "name": "",
+            "compatible": "r",
+            "props": [],
+            "children": [{
+                "name": "a",
+                "compatible": "a-v1",
+                "props": [
+                    {"name": "n", "type": "u64", "value": 5},
+                    {"name": "b", "type": "bytes", "value": "00ab7f"},
+                    {"name": "s", "type": "string", "value": "x\"y"},
+                    {"name": "r", "type": "range", "value": {"start": 4096, "len": 32}},
+                ],
+                "children": [],
+            }],
+        });
+        assert_eq!(json, expected);
+    }
+
+    // ---- every rejection ----
+
+    #[test]
+    fn too_large() {
+        let bytes = sample().encode().unwrap();
+        let small = TreeLimits {
+            max_encoded_bytes: bytes.len() - 1,
+            ..lim()
+        };
+        let expected = TreeError::TooLarge {
+            len: bytes.len(),
+            max: bytes.len() - 1,
+        };
+        assert_eq!(Tree::decode(&bytes, &small), Err(expected.clone()));
+        assert_eq!(sample().encode_with(&small), Err(expected));
+        let exact = TreeLimits {
+            max_encoded_bytes: bytes.len(),
+            ..lim()
+        };
+        assert!(Tree::decode(&bytes, &exact).is_ok());
+    }
+
+    #[test]
+    fn decode_errors_carry_offsets() {
+        assert_eq!(
+            decode(&[]),
+            Err(TreeError::Decode {
+                offset: 0,
+                what: "version byte",
+                found: "end of input"
+            })
+        );
+        assert!(matches!(
+            decode(&Enc::new().0),
+            Err(TreeError::Decode {
+                offset: 1,
+                what: "node count",
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(&Enc::new().var(0).0),
+            Err(TreeError::Decode {
+                offset: 1,
+                what: "node count >= 1",
+                ..
+            })
+        ));
+        // A varint that never terminates.
+        assert!(matches!(
+            decode(&Enc::new().raw(&[0xff; 11]).0),
+            Err(TreeError::Decode {
+                offset: 1,
+                what: "node count",
+                found: "a malformed or out-of-range varint"
+            })
+        ));
+        // Invalid UTF-8 in the root's compatible string, at offset 4.
+        let bad = Enc::new()
+            .var(1)
+            .var(0)
+            .str("")
+            .var(2)
+            .raw(&[0xc3, 0x28])
+            .var(0);
+        assert_eq!(
+            decode(&bad.0),
+            Err(TreeError::Decode {
+                offset: 4,
+                what: "compatible string",
+                found: "invalid UTF-8"
+            })
+        );
+        // Unknown property type tag 4; the property starts at offset 6.
+        let bad = Enc::new()
+            .var(1)
+            .node(0, "", "", 1)
+            .str("p")
+            .var(4)
+            .var(0)
+            .var(0);
+        assert_eq!(
+            decode(&bad.0),
+            Err(TreeError::Decode {
+                offset: 6,
+                what: "property",
+                found: "an invalid value (e.g. an unknown property type tag)"
+            })
+        );
+        // A parent index wider than u32.
+        let bad = Enc::new().var(1).var(1 << 32).str("").str("").var(0);
+        assert!(matches!(
+            decode(&bad.0),
+            Err(TreeError::Decode {
+                offset: 2,
+                what: "parent index",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn claimed_counts_are_checked_against_the_input() {
+        let open = TreeLimits {
+            max_nodes: usize::MAX,
+            max_props: usize::MAX,
+            ..lim()
+        };
+        // Two nodes claimed, room for one.
+        let bad = Enc::new().var(2).node(0, "", "", 0);
+        assert_eq!(
+            Tree::decode(&bad.0, &open),
+            Err(TreeError::Decode {
+                offset: 1,
+                what: "node count that fits the remaining input",
+                found: "more nodes than the remaining bytes can hold"
+            })
+        );
+        // A property count the input cannot hold, with the cap lifted.
+        let bad = Enc::new().var(1).node(0, "", "", 1 << 60).raw(&[0; 8]);
+        assert_eq!(
+            Tree::decode(&bad.0, &open),
+            Err(TreeError::Decode {
+                offset: 5,
+                what: "property count that fits the remaining input",
+                found: "more properties than the remaining bytes can hold"
+            })
+        );
+    }
+
+    #[test]
+    fn huge_claimed_node_count_fails_fast() {
+        // Ten bytes claiming 2^60 nodes: were that count trusted for a
+        // reservation, the allocation would abort the test process.
+        let bytes = Enc::new().var(1 << 60).0;
+        assert_eq!(bytes.len(), 10);
+        assert_eq!(
+            decode(&bytes),
+            Err(TreeError::TooManyNodes {
+                found: 1 << 60,
+                max: 4096
+            })
+        );
+        let open = TreeLimits {
+            max_nodes: usize::MAX,
+            ..lim()
+        };
+        assert!(matches!(
+            Tree::decode(&bytes, &open),
+            Err(TreeError::Decode { offset: 1, .. })
+        ));
+        let start = std::time::Instant::now();
+        for _ in 0..10_000 {
+            assert!(Tree::decode(&bytes, &open).is_err());
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn too_deep_at_cap_plus_one() {
+        for max in [0usize, 1, 16] {
+            let l = TreeLimits {
+                max_depth: max,
+                ..lim()
+            };
+            let ok = deep_tree(max);
+            assert_eq!(ok.depth(), max);
+            let bytes = ok.encode_with(&l).unwrap();
+            assert_eq!(Tree::decode(&bytes, &l).unwrap(), ok);
+            assert_eq!(bytes, chain(max as u64 + 1));
+
+            let deep = deep_tree(max + 1);
+            let path = format!("/{}", vec!["n"; max + 1].join("/"));
+            let expected = TreeError::TooDeep {
+                path,
+                depth: max + 1,
+                max,
+            };
+            assert_eq!(deep.encode_with(&l), Err(expected.clone()));
+            assert_eq!(Tree::decode(&chain(max as u64 + 2), &l), Err(expected));
+        }
+    }
+
+    #[test]
+    fn hundred_thousand_levels_do_not_recurse() {
+        // Run on a small stack: any recursion per level would overflow it.
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(|| {
+                let bytes = chain(100_000);
+                let many = TreeLimits {
+                    max_nodes: 200_000,
+                    ..lim()
+                };
+                assert!(matches!(
+                    Tree::decode(&bytes, &many),
+                    Err(TreeError::TooDeep {
+                        depth: 17,
+                        max: 16,
+                        ..
+                    })
+                ));
+                assert!(matches!(
+                    decode(&bytes),
+                    Err(TreeError::TooManyNodes { found: 100_000, .. })
+                ));
+                // With every cap lifted the deep tree is built, walked,
+                // re-encoded and dropped, all without recursion.
+                let unbounded = TreeLimits {
+                    max_depth: usize::MAX,
+                    ..many
+                };
+                let t = Tree::decode(&bytes, &unbounded).unwrap();
+                assert_eq!(t.depth(), 99_999);
+                assert_eq!(t.node_count(), 100_000);
+                assert_eq!(t.walk().count(), 100_000);
+                assert_eq!(t.encode_with(&unbounded).unwrap(), bytes);
+                drop(t);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn wide_tree_at_the_node_cap() {
+        let mut root = Node::root("wide");
+        for i in 0..4095 {
+            root.push_child(Node::new(format!("c{i}"), "leaf").with_u64("i", i));
+        }
+        let t = Tree::new(root);
+        let bytes = t.encode().unwrap();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.node_count(), 4096);
+        assert_eq!(back, t);
+        assert_eq!(back.node("/c4094").unwrap().u64_prop("i").unwrap(), 4094);
+
+        let mut t = t;
+        t.root_mut().push_child(Node::new("one-more", ""));
+        let expected = TreeError::TooManyNodes {
+            found: 4097,
+            max: 4096,
+        };
+        assert_eq!(t.encode(), Err(expected.clone()));
+        let big = TreeLimits {
+            max_nodes: 4097,
+            ..lim()
+        };
+        assert_eq!(decode(&t.encode_with(&big).unwrap()), Err(expected));
+    }
+
+    #[test]
+    fn too_many_props() {
+        let mut n = Node::root("");
+        for i in 0..257u64 {
+            n.set_prop(format!("p{i}"), i);
+        }
+        let t = Tree::new(n);
+        let expected = TreeError::TooManyProps {
+            path: "/".into(),
+            found: 257,
+            max: 256,
+        };
+        assert_eq!(t.encode(), Err(expected.clone()));
+        let more = TreeLimits {
+            max_props: 257,
+            ..lim()
+        };
+        assert_eq!(decode(&t.encode_with(&more).unwrap()), Err(expected));
+        let _ = t.root_mut_for_test().remove_prop("p0");
+    }
+
+    impl Tree {
+        fn root_mut_for_test(mut self) -> Node {
+            core::mem::take(self.root_mut())
+        }
+    }
+
+    #[test]
+    fn names_too_long() {
+        let long = "x".repeat(256);
+        let cases = [
+            (
+                Tree::new(Node::root("").with_child(Node::new(long.clone(), ""))),
+                "/",
+                "node name",
+            ),
+            (
+                Tree::new(Node::root("").with_child(Node::new("a", long.clone()))),
+                "/a",
+                "compatible",
+            ),
+            (
+                Tree::new(Node::root("").with_child(Node::new("a", "").with_u64(long.clone(), 1))),
+                "/a",
+                "property name",
+            ),
+        ];
+        let wide = TreeLimits {
+            max_name_len: 256,
+            ..lim()
+        };
+        for (t, path, what) in cases {
+            let expected = TreeError::NameTooLong {
+                path: path.into(),
+                what,
+                len: 256,
+                max: 255,
+            };
+            assert_eq!(t.encode(), Err(expected.clone()));
+            assert_eq!(decode(&t.encode_with(&wide).unwrap()), Err(expected));
+        }
+        let ok = Tree::new(Node::root("").with_child(Node::new("x".repeat(255), "y".repeat(255))));
+        assert_eq!(decode(&ok.encode().unwrap()).unwrap(), ok);
+    }
+
+    #[test]
+    fn bad_names() {
+        let cases: [(Vec<u8>, TreeError); 6] = [
+            (
+                Enc::new().var(2).node(0, "", "", 0).node(0, "", "", 0).0,
+                TreeError::BadName {
+                    path: "/".into(),
+                    what: "node name",
+                    expected: "a non-empty name",
+                    name: String::new(),
+                },
+            ),
+            (
+                Enc::new().var(2).node(0, "", "", 0).node(0, "a/b", "", 0).0,
+                TreeError::BadName {
+                    path: "/".into(),
+                    what: "node name",
+                    expected: "a name without '/'",
+                    name: "a/b".into(),
+                },
+            ),
+            (
+                Enc::new().var(2).node(0, "", "", 0).node(0, "a\0", "", 0).0,
+                TreeError::BadName {
+                    path: "/".into(),
+                    what: "node name",
+                    expected: "a name without NUL",
+                    name: "a\0".into(),
+                },
+            ),
+            (
+                Enc::new().var(1).node(0, "root", "", 0).0,
+                TreeError::BadName {
+                    path: "/".into(),
+                    what: "root name",
+                    expected: "the empty string",
+                    name: "root".into(),
+                },
+            ),
+            (
+                Enc::new()
+                    .var(2)
+                    .node(0, "", "", 0)
+                    .node(0, "a", "", 1)
+                    .prop_u64("", 1)
+                    .0,
+                TreeError::BadName {
+                    path: "/a".into(),
+                    what: "property name",
+                    expected: "a non-empty name",
+                    name: String::new(),
+                },
+            ),
+            (
+                Enc::new().var(1).node(0, "", "", 1).prop_u64("x/y", 1).0,
+                TreeError::BadName {
+                    path: "/".into(),
+                    what: "property name",
+                    expected: "a name without '/'",
+                    name: "x/y".into(),
+                },
+            ),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(decode(&bytes), Err(expected));
+        }
+        // encode refuses the same trees.
+        let t = Tree::new(Node::root("").with_child(Node::new("a/b", "")));
+        assert!(matches!(t.encode(), Err(TreeError::BadName { .. })));
+        let t = Tree::new(Node::new("r", ""));
+        assert!(matches!(
+            t.encode(),
+            Err(TreeError::BadName {
+                what: "root name",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let dup_nodes = Enc::new()
+            .var(3)
+            .node(0, "", "", 0)
+            .node(0, "a", "", 0)
+            .node(0, "a", "", 0)
+            .0;
+        let expected = TreeError::DuplicateName {
+            path: "/".into(),
+            what: "child node",
+            name: "a".into(),
+        };
+        assert_eq!(decode(&dup_nodes), Err(expected.clone()));
+        let t = Tree::new(
+            Node::root("")
+                .with_child(Node::new("a", ""))
+                .with_child(Node::new("a", "")),
+        );
+        assert_eq!(t.encode(), Err(expected));
+
+        // Same name under different parents is fine.
+        let ok = Enc::new()
+            .var(3)
+            .node(0, "", "", 0)
+            .node(0, "a", "", 0)
+            .node(1, "a", "", 0)
+            .0;
+        assert!(decode(&ok).is_ok());
+
+        let dup_props = Enc::new()
+            .var(1)
+            .node(0, "", "", 2)
+            .prop_u64("p", 1)
+            .prop_str("p", "x")
+            .0;
+        let expected = TreeError::DuplicateName {
+            path: "/".into(),
+            what: "property",
+            name: "p".into(),
+        };
+        assert_eq!(decode(&dup_props), Err(expected.clone()));
+        let mut root = Node::root("");
+        root.props.push(Property::new("p", 1u64));
+        root.props.push(Property::new("p", "x"));
+        assert_eq!(Tree::new(root).encode(), Err(expected));
+    }
+
+    #[test]
+    fn values_too_large() {
+        let small = TreeLimits {
+            max_value_len: 4,
+            ..lim()
+        };
+        for (value, len) in [
+            (Value::Bytes(vec![0; 5]), 5),
+            (Value::Str("hello!".into()), 6),
+        ] {
+            let t = Tree::new(
+                Node::root("").with_child(Node::new("n", "").with_prop("v", value.clone())),
+            );
+            let expected = TreeError::ValueTooLarge {
+                path: "/n".into(),
+                prop: "v".into(),
+                len,
+                max: 4,
+            };
+            assert_eq!(t.encode_with(&small), Err(expected.clone()));
+            assert_eq!(Tree::decode(&t.encode().unwrap(), &small), Err(expected));
+        }
+        // Default cap: 1 MiB is accepted, one more byte is not.
+        let t = Tree::new(Node::root("").with_bytes("big", vec![7; 1 << 20]));
+        assert_eq!(decode(&t.encode().unwrap()).unwrap(), t);
+        let t = Tree::new(Node::root("").with_bytes("big", vec![7; (1 << 20) + 1]));
+        assert!(matches!(
+            t.encode(),
+            Err(TreeError::ValueTooLarge { len, .. }) if len == (1 << 20) + 1
+        ));
+    }
+
+    #[test]
+    fn bad_parents() {
+        // Root must name 0.
+        let b = Enc::new().var(1).node(3, "", "", 0).0;
+        assert_eq!(
+            decode(&b),
+            Err(TreeError::BadParent {
+                index: 0,
+                parent: 3
+            })
+        );
+        // Forward reference.
+        let b = Enc::new().var(2).node(0, "", "", 0).node(1, "a", "", 0).0;
+        assert_eq!(
+            decode(&b),
+            Err(TreeError::BadParent {
+                index: 1,
+                parent: 1
+            })
+        );
+        // Node 3 names node 1, whose subtree closed when node 2 (its
+        // sibling) began.
+        let b = Enc::new()
+            .var(4)
+            .node(0, "", "", 0)
+            .node(0, "a", "", 0)
+            .node(0, "b", "", 0)
+            .node(1, "c", "", 0)
+            .0;
+        assert_eq!(
+            decode(&b),
+            Err(TreeError::BadParent {
+                index: 3,
+                parent: 1
+            })
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_and_version() {
+        let mut bytes = sample().encode().unwrap();
+        let len = bytes.len();
+        bytes.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            decode(&bytes),
+            Err(TreeError::TrailingBytes {
+                offset: len,
+                len: 2
+            })
+        );
+        let mut bytes = sample().encode().unwrap();
+        bytes[0] = 2;
+        assert_eq!(
+            decode(&bytes),
+            Err(TreeError::UnsupportedVersion {
+                found: 2,
+                expected: TREE_VERSION
+            })
+        );
+    }
+
+    #[test]
+    fn non_minimal_varints_are_refused() {
+        // The root's property count 0 written as two bytes (0x80 0x00).
+        let b = Enc::new().var(1).node(0, "", "", 0).0;
+        assert!(decode(&b).is_ok());
+        let mut long = b.clone();
+        let last = long.len() - 1;
+        long[last] = 0x80;
+        long.push(0);
+        assert_eq!(
+            decode(&long),
+            Err(TreeError::Decode {
+                offset: last,
+                what: "minimal varint encoding",
+                found: "a non-canonical encoding"
+            })
+        );
+    }
+
+    #[test]
+    fn error_messages_name_the_numbers() {
+        let e = TreeError::Decode {
+            offset: 0x1f,
+            what: "node name",
+            found: "end of input",
+        };
+        assert_eq!(
+            e.to_string(),
+            "tree decode error at offset 0x1f: expected node name, found end of input"
+        );
+        let e = TreeError::TooManyNodes {
+            found: 5000,
+            max: 4096,
+        };
+        assert_eq!(
+            e.to_string(),
+            "tree has 5000 nodes, more than the maximum 4096"
+        );
+        let e = TreeError::Encode {
+            found: "buffer full",
+        };
+        assert_eq!(e.to_string(), "tree encoding failed: buffer full");
+    }
+
+    #[test]
+    fn every_truncation_fails_cleanly() {
+        let bytes = sample().encode().unwrap();
+        for len in 0..bytes.len() {
+            let r = decode(&bytes[..len]);
+            assert!(
+                matches!(r, Err(TreeError::Decode { offset, .. }) if offset <= len),
+                "prefix of {len} bytes: {r:?}"
+            );
+        }
+    }
+
+    // ---- properties ----
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<u64>().prop_map(Value::U64),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bytes),
+            "\\PC{0,20}".prop_map(Value::Str),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(s, l)| Value::Range(PhysRange::new(PhysAddr(s), l))),
+        ]
+    }
+
+    /// A node with unique child and property names: `@` never occurs in
+    /// the generated stems, so `stem@index` cannot collide.
+    fn arb_node() -> impl Strategy<Value = Node> {
+        let leaf = (
+            "[a-z0-9_.-]{1,8}",
+            "[ -~]{0,16}",
+            proptest::collection::vec(("[a-z0-9,_-]{1,8}", arb_value()), 0..5),
+        )
+            .prop_map(|(name, compatible, props)| {
+                let mut n = Node::new(name, compatible);
+                for (i, (stem, v)) in props.into_iter().enumerate() {
+                    n.set_prop(format!("{stem}@{i}"), v);
+                }
+                n
+            });
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            (inner.clone(), proptest::collection::vec(inner, 0..6)).prop_map(
+                |(mut parent, children)| {
+                    let base = parent.children.len();
+                    for (i, mut child) in children.into_iter().enumerate() {
+                        child.name = format!("{}@{}", child.name, base + i);
+                        parent.children.push(child);
+                    }
+                    parent
+                },
+            )
+        })
+    }
+
+    fn arb_tree() -> impl Strategy<Value = Tree> {
+        arb_node().prop_map(|mut root| {
+            root.name.clear();
+            Tree::new(root)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn round_trip(t in arb_tree()) {
+            let bytes = t.encode().unwrap();
+            let back = decode(&bytes).unwrap();
+            prop_assert_eq!(&back, &t);
+            prop_assert_eq!(back.encode().unwrap(), bytes.clone());
+            let wire: WireTree<'_> = postcard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(wire.nodes.len(), t.node_count());
+            prop_assert_eq!(t.walk().count(), t.node_count());
+            let nranges = t
+                .walk()
+                .map(|(_, n)| n.props.iter().filter(|p| p.value.as_range().is_some()).count())
+                .sum::<usize>();
+            prop_assert_eq!(t.ranges().count(), nranges);
+        }
+
+        #[test]
+        fn mutated_encodings_never_panic(
+            t in arb_tree(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = t.encode().unwrap();
+            for (at, byte) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            let keep = cut.index(bytes.len() + 1);
+            for input in [&bytes[..], &bytes[..keep]] {
+                if let Ok(back) = decode(input) {
+                    // Anything accepted is canonical.
+                    prop_assert_eq!(back.encode().unwrap(), input.to_vec());
+                }
+            }
+        }
     }
 }
