@@ -1,0 +1,195 @@
+//! Property tests: maps survive the image, mutations and probes.
+
+use kho_core::{Image, ImageBuilder, Order, ParseError, Pfn, PhysAddr, PreservedMap, SectionKind};
+use proptest::prelude::*;
+
+use super::{o, sample_image};
+
+const LIMIT: u64 = 1 << 16;
+
+/// A request: preserve one folio, or a page range (dense, mixed orders).
+#[derive(Debug, Clone)]
+enum Req {
+    Folio(u64, u8),
+    Range(u64, u64),
+}
+
+fn arb_reqs() -> impl Strategy<Value = Vec<Req>> {
+    let folio = (
+        0..LIMIT,
+        prop_oneof![Just(0u8), Just(1), Just(3), Just(9), 0u8..=12, Just(13)],
+    )
+        .prop_map(|(p, ord)| Req::Folio(p, ord));
+    let range = (0..LIMIT, 1u64..9000).prop_map(|(p, n)| Req::Range(p, n));
+    prop::collection::vec(prop_oneof![4 => folio, 1 => range], 0..120)
+}
+
+fn build_map(reqs: &[Req]) -> PreservedMap {
+    let mut map = PreservedMap::new(Pfn(LIMIT));
+    for r in reqs {
+        // Refused requests (overlaps, out of range) are simply skipped.
+        let _ = match *r {
+            Req::Folio(p, ord) => {
+                let order = o(ord);
+                map.preserve(Pfn(p).align_down(order), order)
+            }
+            Req::Range(p, n) => map.preserve_range(PhysAddr(p << 12), n << 12),
+        };
+    }
+    map
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn maps_round_trip(reqs in arb_reqs(), probes in prop::collection::vec(0..LIMIT + 4096, 128)) {
+        let map = build_map(&reqs);
+        let bytes = ImageBuilder::new(LIMIT << 12).memmap(&map).build().unwrap();
+        let img = Image::parse(&bytes).unwrap();
+        prop_assert_eq!(img.folio_count(), map.folio_count());
+        prop_assert!(img.folios().eq(map.folios()));
+        prop_assert!(img.ranges().eq(map.ranges()));
+        prop_assert!(img.blocks().eq(map.blocks()));
+        prop_assert_eq!(img.preserved_bytes(), map.total_bytes());
+        for ord in Order::all() {
+            prop_assert_eq!(img.bytes_per_order()[ord.index()], map.bytes_of(ord));
+        }
+        for p in probes {
+            prop_assert_eq!(img.is_preserved(Pfn(p)), map.is_preserved(Pfn(p)), "probe {:#x}", p);
+        }
+        prop_assert_eq!(&img.to_map(), &map);
+        prop_assert_eq!(bytes.len() as u64, 72 + 32 + map.block_count() as u64 * 528);
+    }
+
+    #[test]
+    fn any_single_byte_change_is_caught(at in any::<prop::sample::Index>(), flip in 1u8..=255) {
+        let mut bytes = sample_image();
+        let img = Image::parse(&bytes).unwrap();
+        let i = at.index(bytes.len());
+        let (table, table_end) = {
+            let h = img.header();
+            (h.table_offset as usize, (h.table_offset + u64::from(h.section_count) * 32) as usize)
+        };
+        let in_section = img
+            .sections()
+            .find(|s| (s.offset..s.offset + s.len).contains(&(i as u64)))
+            .map(|s| s.kind);
+        drop(img);
+        bytes[i] ^= flip;
+        let err = Image::parse(&bytes).unwrap_err();
+        let kind = err.kind();
+        match i {
+            0..=7 => prop_assert_eq!(kind, "bad-magic"),
+            8..=11 => prop_assert!(matches!(kind, "header-size" | "header-crc"), "{}", err),
+            12..=13 => prop_assert_eq!(kind, "unsupported-major"),
+            14..=71 => prop_assert_eq!(kind, "header-crc"),
+            _ if (table..table_end).contains(&i) => prop_assert_eq!(kind, "table-crc"),
+            _ => match in_section {
+                Some(k) => prop_assert!(
+                    matches!(err, ParseError::SectionCrc { kind, .. } if kind == k),
+                    "{}", err
+                ),
+                None => prop_assert_eq!(kind, "padding"),
+            },
+        }
+    }
+}
+
+#[test]
+fn the_sample_has_padding_and_all_sections() {
+    // The mutation property above only means something if every region
+    // kind is present.
+    let bytes = sample_image();
+    let img = Image::parse(&bytes).unwrap();
+    let kinds: Vec<_> = img.sections().map(|s| s.kind).collect();
+    assert_eq!(kinds, SectionKind::KNOWN);
+    let covered: u64 = 72 + 32 * kinds.len() as u64 + img.sections().map(|s| s.len).sum::<u64>();
+    assert!(covered < bytes.len() as u64, "no padding to mutate");
+}
+
+#[test]
+fn parse_reads_unaligned_and_oversized_input() {
+    let bytes = sample_image();
+    let mut shifted = vec![0u8; bytes.len() + 4096 + 1];
+    shifted[1..1 + bytes.len()].copy_from_slice(&bytes);
+    // Misaligned by one byte, and followed by the rest of a "page".
+    let img = Image::parse(&shifted[1..]).unwrap();
+    assert_eq!(img.bytes().len(), bytes.len());
+    assert_eq!(img.folio_count(), 12);
+}
+
+#[test]
+fn sections_read_back() {
+    let bytes = sample_image();
+    let img = Image::parse(&bytes).unwrap();
+    assert_eq!(img.header().generation, 7);
+    assert_eq!(img.arena_size(), super::ARENA);
+    let scratch: Vec<_> = img.scratch().collect();
+    assert_eq!(scratch, [kho_core::PhysRange::new(PhysAddr(0), 0x10_0000)]);
+    assert_eq!(img.kfence().count(), 1);
+    let caches: Vec<_> = img.slab_caches().collect();
+    assert_eq!(caches.len(), 1);
+    assert_eq!(caches[0].name(), "kv-node");
+    assert_eq!(caches[0].object_size(), 64);
+    let page = img.slab_pages().next().unwrap();
+    assert_eq!(page.pfn(), Pfn(0x1000));
+    assert_eq!(page.order(), Order::ZERO);
+    assert_eq!(page.object_count(), 64);
+    assert_eq!(page.allocated().collect::<Vec<_>>(), [0, 1, 3]);
+    assert!(page.is_allocated(3) && !page.is_allocated(2) && !page.is_allocated(64));
+    assert_eq!(page.bitmap_words().collect::<Vec<_>>(), [0b1011]);
+    assert_eq!(page.object_addr(3), Some(PhysAddr(0x100_0000 + 192)));
+    assert_eq!(img.slab_page(Pfn(0x1000)).unwrap().cache_id(), 1);
+    assert!(img.slab_cache(1).is_some() && img.slab_cache(2).is_none());
+    let tags: Vec<_> = img.extents().map(|e| e.tag).collect();
+    assert_eq!(tags, [8, 7]);
+    assert_eq!(img.tree(), Some(&super::sample_tree()));
+}
+
+#[test]
+fn builder_refuses_what_the_reader_rejects() {
+    let map = super::sample_map();
+    // Scratch over preserved memory.
+    let err = ImageBuilder::new(super::ARENA)
+        .memmap(&map)
+        .scratch(vec![kho_core::PhysRange::new(PhysAddr(0x20_0000), 0x1000)])
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        kho_core::BuildError::Invalid(ParseError::PreservedInRange { .. })
+    ));
+    // A map larger than the arena.
+    assert!(ImageBuilder::new(0x1000).memmap(&map).build().is_err());
+    // A name too long for its field.
+    let mut cache = super::sample_cache();
+    cache.name = "x".repeat(33);
+    assert!(matches!(
+        ImageBuilder::new(super::ARENA)
+            .memmap(&map)
+            .slab(vec![cache], vec![])
+            .build(),
+        Err(kho_core::BuildError::CacheName { .. })
+    ));
+    // A bitmap of the wrong length.
+    let mut page = super::sample_page();
+    page.bitmap.push(0);
+    assert!(matches!(
+        ImageBuilder::new(super::ARENA)
+            .memmap(&map)
+            .slab(vec![super::sample_cache()], vec![page])
+            .build(),
+        Err(kho_core::BuildError::BitmapLength { .. })
+    ));
+    // write_to checks the buffer.
+    let b = super::sample_builder();
+    let mut small = vec![0u8; 16];
+    assert!(matches!(
+        b.write_to(&mut small),
+        Err(kho_core::BuildError::BufferTooSmall { .. })
+    ));
+    let mut page_buf = vec![0xffu8; b.encoded_len() as usize + 100];
+    let n = b.write_to(&mut page_buf).unwrap();
+    assert_eq!(&page_buf[..n], &b.build().unwrap()[..]);
+}

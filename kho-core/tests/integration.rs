@@ -1,0 +1,3 @@
+//! Integration tests of kho-core, compiled into one binary.
+
+mod image;
