@@ -7,6 +7,8 @@
 
 pub mod arena;
 pub mod error;
+pub mod fault;
+pub mod kfence;
 pub mod layout;
 mod mapping;
 mod raw;

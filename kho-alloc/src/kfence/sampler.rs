@@ -1,0 +1,327 @@
+//! Sampling gates: which allocation requests go to the pool.
+
+use std::cell::Cell;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::pool::{CacheTag, Pool, Stats};
+use super::report::Report;
+use super::{KfenceError, Result};
+
+/// Default time-gate interval, as the kernel's `kfence.sample_interval`.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How requests are chosen for the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleMode {
+    /// Nothing is sampled.
+    Off,
+    /// A background timer opens the gate once per interval; the first
+    /// eligible request after that is sampled.
+    Interval(Duration),
+    /// Each thread samples one request out of a randomized countdown with
+    /// mean `rate` (GWP-ASan style); `Count(1)` samples every eligible
+    /// request.
+    Count(u32),
+}
+
+impl Default for SampleMode {
+    fn default() -> Self {
+        SampleMode::Interval(DEFAULT_INTERVAL)
+    }
+}
+
+const MODE_OFF: u8 = 0;
+const MODE_INTERVAL: u8 = 1;
+const MODE_COUNT: u8 = 2;
+
+thread_local! {
+    /// Requests left before this thread's next sample; 0 means "draw".
+    static COUNTDOWN: Cell<u32> = const { Cell::new(0) };
+    /// This thread's xorshift state; 0 means "seed me".
+    static RNG: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A uniform draw in `1..=2 * rate - 1`, mean `rate`.
+fn draw(rate: u32) -> u32 {
+    let rate = rate.max(1);
+    let span = u64::from(rate) * 2 - 1;
+    RNG.with(|r| {
+        let mut x = r.get();
+        if x == 0 {
+            // Seed from the thread-local's address and the clock: distinct per
+            // thread, no dependency needed.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            x = (r as *const Cell<u64> as u64).rotate_left(29) ^ t | 1;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        r.set(x);
+        u32::try_from(1 + x % span).unwrap_or(rate)
+    })
+}
+
+struct Timer {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+/// Feeds a [`Pool`] with sampled allocation requests.
+///
+/// The embedding allocator asks [`Sampler::alloc`] first on every request;
+/// it returns `None` (the caller proceeds normally) unless the request is
+/// sampled and the pool can serve it. The unsampled path costs one relaxed
+/// atomic load (time gate) or one thread-local decrement (count gate).
+pub struct Sampler {
+    pool: Arc<Pool>,
+    mode: AtomicU8,
+    rate: AtomicU32,
+    gate: Arc<AtomicBool>,
+    timer: Mutex<Option<Timer>>,
+}
+
+impl fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sampler")
+            .field("pool", &self.pool)
+            .field("mode", &self.mode.load(Ordering::Relaxed))
+            .field("rate", &self.rate.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Sampler {
+    /// A sampler over `pool`, started in `mode`.
+    pub fn new(pool: Arc<Pool>, mode: SampleMode) -> Result<Sampler> {
+        let s = Sampler {
+            pool,
+            mode: AtomicU8::new(MODE_OFF),
+            rate: AtomicU32::new(1),
+            gate: Arc::new(AtomicBool::new(false)),
+            timer: Mutex::new(None),
+        };
+        s.enable(mode)?;
+        Ok(s)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Switches to `mode`, stopping or starting the timer as needed.
+    pub fn enable(&self, mode: SampleMode) -> Result<()> {
+        self.disable();
+        match mode {
+            SampleMode::Off => Ok(()),
+            SampleMode::Count(rate) => {
+                if rate == 0 {
+                    return Err(KfenceError::Rate {
+                        expected: 1,
+                        found: 0,
+                    });
+                }
+                self.rate.store(rate, Ordering::Relaxed);
+                self.mode.store(MODE_COUNT, Ordering::Release);
+                self.pool.shared().enabled.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            SampleMode::Interval(interval) => {
+                if interval.is_zero() {
+                    return Err(KfenceError::Rate {
+                        expected: 1,
+                        found: 0,
+                    });
+                }
+                let stop = Arc::new(AtomicBool::new(false));
+                let gate = Arc::clone(&self.gate);
+                let thread_stop = Arc::clone(&stop);
+                let handle = thread::Builder::new()
+                    .name("kfence-timer".into())
+                    .spawn(move || {
+                        // Opens the gate once per interval. It never waits for
+                        // an allocation to take the gate, so stopping it only
+                        // needs an unpark.
+                        while !thread_stop.load(Ordering::Acquire) {
+                            thread::park_timeout(interval);
+                            if thread_stop.load(Ordering::Acquire) {
+                                break;
+                            }
+                            gate.store(true, Ordering::Release);
+                        }
+                    })
+                    .map_err(|source| KfenceError::Timer { source })?;
+                *self.timer.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Timer { stop, handle });
+                self.mode.store(MODE_INTERVAL, Ordering::Release);
+                self.pool.shared().enabled.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops sampling and the timer. Bounded: it wakes the timer thread and
+    /// joins it, waiting on nothing that needs allocation traffic.
+    /// Objects already in the pool stay valid and can still be freed.
+    pub fn disable(&self) {
+        self.mode.store(MODE_OFF, Ordering::Release);
+        self.gate.store(false, Ordering::Relaxed);
+        self.pool.shared().enabled.store(false, Ordering::Relaxed);
+        let timer = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = timer {
+            t.stop.store(true, Ordering::Release);
+            t.handle.thread().unpark();
+            // The timer body cannot panic; a join error leaves nothing to do.
+            let _ = t.handle.join();
+        }
+    }
+
+    /// Whether sampling is on.
+    pub fn is_enabled(&self) -> bool {
+        self.mode.load(Ordering::Relaxed) != MODE_OFF
+    }
+
+    /// Whether the time gate is open (for tests and diagnostics).
+    pub fn gate_open(&self) -> bool {
+        self.gate.load(Ordering::Relaxed)
+    }
+
+    /// Statistics of the pool, with `enabled` from this sampler.
+    pub fn stats(&self) -> Stats {
+        self.pool.stats()
+    }
+
+    /// Offers an allocation request to the pool. `preservable` requests (the
+    /// allocator's `PRESERVE` flag) are never sampled. Returns the guarded
+    /// object if the request was sampled and served; otherwise the caller
+    /// allocates normally.
+    #[inline]
+    pub fn alloc(
+        &self,
+        size: usize,
+        align: usize,
+        cache: CacheTag,
+        preservable: bool,
+    ) -> Option<NonNull<u8>> {
+        match self.mode.load(Ordering::Relaxed) {
+            MODE_INTERVAL => {
+                if !self.gate.load(Ordering::Relaxed) {
+                    return None;
+                }
+                self.alloc_gated(size, align, cache, preservable)
+            }
+            MODE_COUNT => {
+                let left = COUNTDOWN.with(Cell::get);
+                if left > 1 {
+                    COUNTDOWN.with(|c| c.set(left - 1));
+                    return None;
+                }
+                self.alloc_counted(left, size, align, cache, preservable)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a request is refused before taking a sample; counted.
+    fn refuse(&self, size: usize, align: usize, preservable: bool) -> bool {
+        let c = &self.pool.shared().counters;
+        if preservable {
+            c.skip_excluded.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if size > kho_core::PAGE_SIZE as usize || align > kho_core::PAGE_SIZE as usize {
+            c.skip_incompatible.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    #[cold]
+    fn alloc_gated(
+        &self,
+        size: usize,
+        align: usize,
+        cache: CacheTag,
+        preservable: bool,
+    ) -> Option<NonNull<u8>> {
+        // Ineligible requests leave the gate open for the next one.
+        if self.refuse(size, align, preservable) {
+            return None;
+        }
+        if !self.gate.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        self.pool.alloc(size, align, cache)
+    }
+
+    #[cold]
+    fn alloc_counted(
+        &self,
+        left: u32,
+        size: usize,
+        align: usize,
+        cache: CacheTag,
+        preservable: bool,
+    ) -> Option<NonNull<u8>> {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if left == 0 {
+            // First request on this thread: draw, and count this request.
+            let n = draw(rate);
+            if n > 1 {
+                COUNTDOWN.with(|c| c.set(n - 1));
+                return None;
+            }
+        }
+        // The countdown stays at 1 while requests are ineligible.
+        if self.refuse(size, align, preservable) {
+            COUNTDOWN.with(|c| c.set(1));
+            return None;
+        }
+        COUNTDOWN.with(|c| c.set(draw(rate)));
+        self.pool.alloc(size, align, cache)
+    }
+
+    /// Whether `ptr` is a pool object (route its free to [`Sampler::free`]).
+    #[inline]
+    pub fn owns(&self, ptr: *const u8) -> bool {
+        self.pool.owns(ptr)
+    }
+
+    /// Frees a pool object; see [`Pool::free`].
+    pub fn free(&self, ptr: *const u8) -> std::result::Result<(), Report> {
+        self.pool.free(ptr)
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.disable();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draw_stays_in_range_with_the_right_mean() {
+        assert!((0..1000).all(|_| draw(1) == 1));
+        let n = 20_000u64;
+        let mut sum = 0u64;
+        for _ in 0..n {
+            let d = draw(10);
+            assert!((1..=19).contains(&d), "{d}");
+            sum += u64::from(d);
+        }
+        let mean = sum as f64 / n as f64;
+        assert!((9.5..10.5).contains(&mean), "mean {mean}");
+        assert!((1..=u32::MAX).contains(&draw(u32::MAX)));
+    }
+}
