@@ -35,8 +35,8 @@
 //! name: `/kv-store/shard0`. Node names and property names are 1 to
 //! [`TreeLimits::max_name_len`] bytes of UTF-8 without `/` or NUL, unique
 //! among siblings (node names) or within their node (property names). A
-//! `compatible` string is at most `max_name_len` bytes of UTF-8 and may be
-//! empty. The root sits at depth 0 and a child one deeper than its parent;
+//! `compatible` string is any UTF-8 of at most `max_name_len` bytes, and
+//! may be empty. The root sits at depth 0 and a child one deeper than its parent;
 //! a tree is accepted when no node is deeper than [`TreeLimits::max_depth`].
 //!
 //! # Wire format (`TREE` section, version 1)
@@ -123,7 +123,8 @@ const MIN_PROP_BYTES: usize = 3;
 pub struct TreeLimits {
     /// Deepest accepted node; the root is at depth 0. Default 16.
     pub max_depth: usize,
-    /// Most nodes in a tree, the root included. Default 4096.
+    /// Most nodes in a tree, the root included. Default 4096. Never more
+    /// than 2^32, the most a `u32` parent index can name.
     pub max_nodes: usize,
     /// Most properties on one node. Default 256.
     pub max_props: usize,
@@ -510,6 +511,9 @@ fn hex(bytes: &[u8]) -> String {
 ///
 /// Fields are public for direct construction and editing; [`Tree::encode`]
 /// checks every rule listed in the [module docs](self) before writing.
+/// `Node` implements `Drop` (iteratively, so deep trees cannot overflow the
+/// stack), so move a field out with [`core::mem::take`] rather than by
+/// destructuring.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize)]
 pub struct Node {
     /// The name, unique among siblings; empty only for the root.
@@ -921,10 +925,11 @@ impl Tree {
                 found: "0 (no root node)",
             });
         }
-        if count > limits.max_nodes as u64 {
+        let max_nodes = node_cap(limits);
+        if count > max_nodes as u64 {
             return Err(TreeError::TooManyNodes {
                 found: count,
-                max: limits.max_nodes,
+                max: max_nodes,
             });
         }
         if count > (r.remaining() / MIN_NODE_BYTES) as u64 {
@@ -1023,8 +1028,8 @@ impl Tree {
                 props,
                 children: Vec::new(),
             };
-            // `index < count <= max_nodes`, and the parent field is a u32,
-            // so an index that does not fit could never be named as one.
+            // `index < count <= node_cap(limits)`, so it fits the u32 parent
+            // field; the fallback is unreachable.
             let index = u32::try_from(index).unwrap_or(u32::MAX);
             open.push((index, node));
         }
@@ -1075,30 +1080,24 @@ impl Tree {
         // parent's path.
         let mut stack: Vec<(&Node, u32, usize, Rc<str>)> = vec![(&self.root, 0, 0, Rc::from(""))];
         while let Some((node, parent, depth, parent_path)) = stack.pop() {
-            let index = out.len();
-            if index >= limits.max_nodes {
-                return Err(TreeError::TooManyNodes {
-                    found: self.node_count() as u64,
-                    max: limits.max_nodes,
-                });
-            }
-            let index = u32::try_from(index).map_err(|_| TreeError::TooManyNodes {
+            let too_many = || TreeError::TooManyNodes {
                 found: self.node_count() as u64,
-                max: u32::MAX as usize,
-            })?;
-            let path = if index == 0 {
-                String::from("/")
-            } else {
-                join(&parent_path, &node.name)
+                max: node_cap(limits),
             };
+            let index = out.len();
+            if index >= node_cap(limits) {
+                return Err(too_many());
+            }
+            let index = u32::try_from(index).map_err(|_| too_many())?;
+            let is_root = index == 0;
             if depth > limits.max_depth {
                 return Err(TreeError::TooDeep {
-                    path,
+                    path: node_path(&parent_path, node, is_root),
                     depth,
                     max: limits.max_depth,
                 });
             }
-            check_node(node, index == 0, &parent_path, &path, limits)?;
+            check_node(node, is_root, &parent_path, limits)?;
             out.push(WireNode {
                 parent,
                 name: &node.name,
@@ -1106,7 +1105,7 @@ impl Tree {
                 props: node.props.iter().map(WireProp::from_property).collect(),
             });
             if !node.children.is_empty() {
-                let shared: Rc<str> = Rc::from(path);
+                let shared: Rc<str> = Rc::from(node_path(&parent_path, node, is_root));
                 for child in node.children.iter().rev() {
                     stack.push((child, index, depth + 1, Rc::clone(&shared)));
                 }
@@ -1114,6 +1113,12 @@ impl Tree {
         }
         Ok(out)
     }
+}
+
+/// [`TreeLimits::max_nodes`], lowered to what a u32 parent index can name.
+fn node_cap(limits: &TreeLimits) -> usize {
+    let wire_max = u64::from(u32::MAX) + 1;
+    usize::try_from(wire_max).map_or(limits.max_nodes, |w| limits.max_nodes.min(w))
 }
 
 /// Attach every open node above `keep` entries to its parent.
@@ -1145,9 +1150,10 @@ fn check_node(
     node: &Node,
     is_root: bool,
     parent_path: &str,
-    path: &str,
     limits: &TreeLimits,
 ) -> TreeResult<()> {
+    // Paths are built only for an error.
+    let path = || node_path(parent_path, node, is_root);
     if is_root {
         if !node.name.is_empty() {
             return Err(TreeError::BadName {
@@ -1177,7 +1183,7 @@ fn check_node(
     }
     if node.compatible.len() > limits.max_name_len {
         return Err(TreeError::NameTooLong {
-            path: path.to_owned(),
+            path: path(),
             what: "compatible",
             len: node.compatible.len(),
             max: limits.max_name_len,
@@ -1185,16 +1191,15 @@ fn check_node(
     }
     if node.props.len() > limits.max_props {
         return Err(TreeError::TooManyProps {
-            path: path.to_owned(),
+            path: path(),
             found: node.props.len() as u64,
             max: limits.max_props,
         });
     }
-    let mut seen = HashSet::with_capacity(node.props.len());
     for prop in &node.props {
         if prop.name.len() > limits.max_name_len {
             return Err(TreeError::NameTooLong {
-                path: path.to_owned(),
+                path: path(),
                 what: "property name",
                 len: prop.name.len(),
                 max: limits.max_name_len,
@@ -1202,40 +1207,64 @@ fn check_node(
         }
         if let Some(expected) = name_fault(&prop.name) {
             return Err(TreeError::BadName {
-                path: path.to_owned(),
+                path: path(),
                 what: "property name",
                 expected,
-                name: prop.name.clone(),
-            });
-        }
-        if !seen.insert(prop.name.as_str()) {
-            return Err(TreeError::DuplicateName {
-                path: path.to_owned(),
-                what: "property",
                 name: prop.name.clone(),
             });
         }
         let len = prop.value.payload_len();
         if len > limits.max_value_len {
             return Err(TreeError::ValueTooLarge {
-                path: path.to_owned(),
+                path: path(),
                 prop: prop.name.clone(),
                 len,
                 max: limits.max_value_len,
             });
         }
     }
-    let mut seen = HashSet::with_capacity(node.children.len());
-    for child in &node.children {
-        if !seen.insert(child.name.as_str()) {
-            return Err(TreeError::DuplicateName {
-                path: path.to_owned(),
-                what: "child node",
-                name: child.name.clone(),
-            });
-        }
+    if let Some(name) = first_duplicate(node.props.iter().map(|p| p.name.as_str())) {
+        return Err(TreeError::DuplicateName {
+            path: path(),
+            what: "property",
+            name: name.to_owned(),
+        });
+    }
+    if let Some(name) = first_duplicate(node.children.iter().map(|c| c.name.as_str())) {
+        return Err(TreeError::DuplicateName {
+            path: path(),
+            what: "child node",
+            name: name.to_owned(),
+        });
     }
     Ok(())
+}
+
+/// Path of `node`, whose parent's path is `parent_path`.
+fn node_path(parent_path: &str, node: &Node, is_root: bool) -> String {
+    if is_root {
+        String::from("/")
+    } else {
+        join(parent_path, &node.name)
+    }
+}
+
+/// The first name that repeats an earlier one: a linear scan for the short
+/// lists that are typical, a hash set beyond.
+fn first_duplicate<'a, I>(names: I) -> Option<&'a str>
+where
+    I: ExactSizeIterator<Item = &'a str> + Clone,
+{
+    const LINEAR: usize = 16;
+    if names.len() <= LINEAR {
+        return names
+            .clone()
+            .enumerate()
+            .find(|&(i, name)| names.clone().take(i).any(|e| e == name))
+            .map(|(_, name)| name);
+    }
+    let mut seen = HashSet::with_capacity(names.len());
+    names.into_iter().find(|name| !seen.insert(*name))
 }
 
 /// The rule a node or property name breaks, if any.
@@ -1418,13 +1447,13 @@ fn write_dump(f: &mut fmt::Formatter<'_>, top: &Node, top_is_root: bool) -> fmt:
                 if depth == 0 && top_is_root {
                     f.write_str("/ {\n")?;
                 } else {
-                    writeln!(f, "{} {{", node.name)?;
+                    writeln!(f, "{} {{", node.name.escape_debug())?;
                 }
                 indent(f, depth + 1)?;
                 writeln!(f, "compatible = {:?};", node.compatible)?;
                 for p in &node.props {
                     indent(f, depth + 1)?;
-                    writeln!(f, "{} = {};", p.name, p.value)?;
+                    writeln!(f, "{} = {};", p.name.escape_debug(), p.value)?;
                 }
                 steps.push(Step::Close(depth));
                 for child in node.children.iter().rev() {
@@ -1912,9 +1941,23 @@ mod tests {
             max_nodes: usize::MAX,
             ..lim()
         };
+        // Even with the cap lifted, a u32 parent index names at most 2^32.
+        assert_eq!(
+            Tree::decode(&bytes, &open),
+            Err(TreeError::TooManyNodes {
+                found: 1 << 60,
+                max: 1 << 32
+            })
+        );
+        // 2^32 nodes pass the cap and fail against the input length.
+        let bytes = Enc::new().var(1 << 32).0;
         assert!(matches!(
             Tree::decode(&bytes, &open),
-            Err(TreeError::Decode { offset: 1, .. })
+            Err(TreeError::Decode {
+                offset: 1,
+                what: "node count that fits the remaining input",
+                ..
+            })
         ));
         let start = std::time::Instant::now();
         for _ in 0..10_000 {
@@ -2206,6 +2249,37 @@ mod tests {
         root.props.push(Property::new("p", 1u64));
         root.props.push(Property::new("p", "x"));
         assert_eq!(Tree::new(root).encode(), Err(expected));
+
+        // Long lists take the hashed path; the first repeat is reported.
+        for n in [3usize, 16, 17, 40] {
+            let mut root = Node::root("");
+            for i in 0..n {
+                root.props.push(Property::new(format!("p{i}"), 0u64));
+                root.push_child(Node::new(format!("c{i}"), ""));
+            }
+            assert!(Tree::new(root.clone()).encode().is_ok());
+            let mut dup_prop = root.clone();
+            dup_prop
+                .props
+                .push(Property::new(format!("p{}", n / 2), 1u64));
+            assert_eq!(
+                Tree::new(dup_prop).encode(),
+                Err(TreeError::DuplicateName {
+                    path: "/".into(),
+                    what: "property",
+                    name: format!("p{}", n / 2),
+                })
+            );
+            root.children.insert(n / 2, Node::new("c0", ""));
+            assert_eq!(
+                Tree::new(root).encode(),
+                Err(TreeError::DuplicateName {
+                    path: "/".into(),
+                    what: "child node",
+                    name: "c0".into(),
+                })
+            );
+        }
     }
 
     #[test]
