@@ -2,7 +2,7 @@
 
 use std::io;
 
-use kho_core::MapError;
+use kho_core::{BuildError, MapError, ParseError};
 
 /// Why one superblock slot was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -212,6 +212,12 @@ pub enum Error {
         /// Maximum length.
         max: usize,
     },
+    /// The handover image failed validation.
+    #[error("invalid handover image: {0}")]
+    Image(#[from] ParseError),
+    /// The handover image could not be written.
+    #[error("cannot build handover image: {0}")]
+    Build(#[from] BuildError),
     /// The arena has no committed handover image.
     #[error("the arena has no handover image")]
     NoImage,

@@ -6,15 +6,24 @@
 #![warn(missing_docs)]
 
 pub mod arena;
+pub mod buddy;
 pub mod error;
 pub mod fault;
+pub mod heap;
 pub mod kfence;
 pub mod layout;
+mod magazine;
 mod mapping;
 mod raw;
+mod slab;
 pub mod superblock;
 
 pub use arena::Arena;
+pub use buddy::BuddyStats;
 pub use error::{Error, Result, SlotError};
+pub use heap::{
+    FreezeStats, FrozenImage, GfpFlags, Heap, HeapStats, Obj, Pages, PreservableCache, Restored,
+    RestoredCache, SIZE_CLASSES,
+};
 pub use layout::{ArenaConfig, Layout, Region};
 pub use superblock::{ImageLocation, Superblock};

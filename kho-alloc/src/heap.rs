@@ -1,0 +1,1428 @@
+//! The heap: an arena with its zones, slab caches and preservation state,
+//! and the freeze and restore paths of a handover.
+//!
+//! Memory is addressed by [`PhysAddr`] in everything that crosses a
+//! handover. Inside one process an allocation is an owned handle ([`Obj`]
+//! for objects, [`Pages`] for folios): it is not `Clone`, freeing consumes
+//! it, and its bytes are reached through the heap (`bytes(&obj)`,
+//! `bytes_mut(&mut obj)`), so the borrow checker rules out aliasing and
+//! use after free without any raw pointer leaving the crate.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use kho_core::{
+    Extent, Folio, Image, ImageBuilder, Order, Pfn, PhysAddr, PhysRange, PreservedMap, Restorer,
+    SlabCacheInfo, SlabPageInfo, Tree, PAGE_SIZE,
+};
+
+use crate::arena::Arena;
+use crate::buddy::{BuddyStats, Zone};
+use crate::error::{Error, Result};
+use crate::layout::{Layout, Region};
+use crate::magazine;
+use crate::slab::{SlabCache, MAX_OBJECT_SIZE};
+use crate::superblock::ImageLocation;
+
+/// GFP-style allocation flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct GfpFlags(u32);
+
+impl GfpFlags {
+    /// No flags: general memory, contents unspecified, may wait for locks.
+    pub const NONE: GfpFlags = GfpFlags(0);
+    /// Serve from the preservable pool only (never scratch, never the
+    /// KFENCE pool, never sampled). Objects land in preservable size-class
+    /// caches that are preserved at freeze.
+    pub const PRESERVE: GfpFlags = GfpFlags(1);
+    /// Zero the memory before returning it.
+    pub const ZERO: GfpFlags = GfpFlags(2);
+    /// Never block: a busy allocator lock gives [`Error::WouldBlock`].
+    pub const NOWAIT: GfpFlags = GfpFlags(4);
+
+    /// Whether every flag of `other` is set.
+    #[inline]
+    pub const fn contains(self, other: GfpFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl core::ops::BitOr for GfpFlags {
+    type Output = GfpFlags;
+    fn bitor(self, rhs: GfpFlags) -> GfpFlags {
+        GfpFlags(self.0 | rhs.0)
+    }
+}
+
+/// Object sizes of the general size classes.
+pub const SIZE_CLASSES: [u32; 12] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096];
+const NCLASSES: usize = SIZE_CLASSES.len();
+/// Cache-table slots: general classes, preservable classes, named caches.
+const MAX_CACHES: usize = 1024;
+const FIRST_NAMED: usize = 2 * NCLASSES;
+
+#[inline]
+fn class_of(size: usize) -> usize {
+    match size {
+        0..=8 => 0,
+        9..=16 => 1,
+        17..=32 => 2,
+        33..=64 => 3,
+        65..=96 => 4,
+        97..=128 => 5,
+        129..=192 => 6,
+        193..=256 => 7,
+        257..=512 => 8,
+        513..=1024 => 9,
+        1025..=2048 => 10,
+        _ => 11,
+    }
+}
+
+static NEXT_HEAP: AtomicU32 = AtomicU32::new(1);
+
+const KIND_SLAB: u8 = 0;
+const KIND_LARGE: u8 = 1;
+
+/// An allocated object: an owned handle, not `Clone`. Its address is
+/// [`Obj::addr`]; its bytes are reached through the heap that made it.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "an object leaks unless it is freed"]
+pub struct Obj {
+    addr: u64,
+    heap: u32,
+    /// Slab index (slab objects) or unused.
+    slab: u32,
+    /// Usable length in bytes.
+    len: u32,
+    /// Cache index (slab objects).
+    cache: u16,
+    kind: u8,
+    /// Folio order (large objects).
+    order: u8,
+}
+
+impl Obj {
+    /// The object's arena address: what goes into handover metadata.
+    #[inline]
+    pub fn addr(&self) -> PhysAddr {
+        PhysAddr(self.addr)
+    }
+
+    /// Usable bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether the object has no usable bytes (never: sizes start at 1).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes of the object as a range.
+    pub fn range(&self) -> PhysRange {
+        PhysRange::new(self.addr(), u64::from(self.len))
+    }
+
+    /// Give up the handle but keep the object allocated: its address lives
+    /// on in handover metadata (a predecessor about to exit does this).
+    pub fn leak(self) -> PhysAddr {
+        self.addr()
+    }
+}
+
+/// An allocated folio: an owned handle, not `Clone`.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "pages leak unless they are freed"]
+pub struct Pages {
+    folio: Folio,
+    heap: u32,
+}
+
+impl Pages {
+    /// The folio (head PFN and order).
+    #[inline]
+    pub fn folio(&self) -> Folio {
+        self.folio
+    }
+
+    /// First byte.
+    #[inline]
+    pub fn addr(&self) -> PhysAddr {
+        self.folio.addr()
+    }
+
+    /// The bytes as a range.
+    pub fn range(&self) -> PhysRange {
+        PhysRange::new(self.folio.addr(), self.folio.bytes())
+    }
+
+    /// Give up the handle but keep the folio allocated.
+    pub fn leak(self) -> Folio {
+        self.folio
+    }
+}
+
+/// Counters of a heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapStats {
+    /// The general zone.
+    pub general: BuddyStats,
+    /// The preservable zone.
+    pub preservable: BuddyStats,
+    /// Preserved folios recorded by `preserve_*` (slab pages not included).
+    pub preserved_folios: u64,
+}
+
+/// What a freeze did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FreezeStats {
+    /// Preservable slab pages recorded and preserved.
+    pub slab_pages: u64,
+    /// Live preservable objects in them.
+    pub live_objects: u64,
+    /// Bytes zeroed in free slots and slab tails.
+    pub scrubbed_bytes: u64,
+    /// Folios in the MEMMAP section.
+    pub preserved_folios: u64,
+    /// Image length in bytes.
+    pub image_len: u64,
+}
+
+/// An image written into the arena by [`Heap::freeze`] but not yet
+/// published. Give it to [`Heap::commit`] or [`Heap::discard`].
+#[derive(Debug)]
+#[must_use = "a frozen image holds arena pages until committed or discarded"]
+pub struct FrozenImage {
+    location: ImageLocation,
+    folio: Folio,
+    generation: u64,
+    heap: u32,
+    stats: FreezeStats,
+}
+
+impl FrozenImage {
+    /// Where the image bytes are.
+    pub fn location(&self) -> ImageLocation {
+        self.location
+    }
+
+    /// The generation the image records (the one `commit` publishes).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// What the freeze did.
+    pub fn stats(&self) -> FreezeStats {
+        self.stats
+    }
+}
+
+pub(crate) struct Shared {
+    id: u32,
+    arena: Arena,
+    general: Zone,
+    preservable: Zone,
+    caches: Box<[OnceLock<SlabCache>]>,
+    names: Mutex<HashMap<String, u16>>,
+    preserved: Mutex<PreservedMap>,
+    extents: Mutex<Vec<Extent>>,
+    /// The folio of the committed (or restored) image.
+    image: Mutex<Option<Folio>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heap")
+            .field("id", &self.id)
+            .field("arena", &self.arena)
+            .field("general", &self.general)
+            .field("preservable", &self.preservable)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn cache(&self, i: u16) -> Option<&SlabCache> {
+        self.caches.get(usize::from(i)).and_then(OnceLock::get)
+    }
+
+    fn zone_of(&self, pfn: Pfn) -> Option<&Zone> {
+        if self.general.contains(pfn) {
+            Some(&self.general)
+        } else if self.preservable.contains(pfn) {
+            Some(&self.preservable)
+        } else {
+            None
+        }
+    }
+
+    fn zone_for(&self, cache: &SlabCache) -> &Zone {
+        if cache.preservable {
+            &self.preservable
+        } else {
+            &self.general
+        }
+    }
+
+    /// Return a magazine's objects to the general class `class`.
+    pub(crate) fn flush_magazine(&self, class: usize, mag: &mut Vec<(u64, u32)>) {
+        let Some(cache) = self.caches.get(class).and_then(OnceLock::get) else {
+            return;
+        };
+        for (addr, slab) in mag.drain(..) {
+            if let Ok(Some(pfn)) = cache.free(addr, slab) {
+                // The folio was allocated by this zone; freeing cannot fail.
+                let _ = self.general.free(pfn, false);
+            }
+        }
+    }
+
+    /// Zero `range`, which the caller owns exclusively.
+    fn zero_owned(&self, range: PhysRange) -> Result<()> {
+        // SAFETY:
+        // - Callers pass memory no handle refers to: a block just taken
+        //   from a zone, or free slots and tails of a slab under its cache
+        //   lock. No other reference to these bytes exists.
+        unsafe { self.arena.slice_mut_shared(range) }?.fill(0);
+        Ok(())
+    }
+
+    /// Register a cache in a free slot (or `slot` if given).
+    fn register(&self, slot: Option<usize>, cache: SlabCache) -> Result<u16> {
+        let i = match slot {
+            Some(i) => i,
+            None => (FIRST_NAMED..MAX_CACHES)
+                .find(|&i| self.caches[i].get().is_none())
+                .ok_or(Error::InvalidConfig {
+                    what: "too many caches",
+                    value: MAX_CACHES as u64,
+                    limit: MAX_CACHES as u64,
+                })?,
+        };
+        let mut cache = cache;
+        cache.index = i as u16;
+        let name = cache.name.clone();
+        self.caches[i]
+            .set(cache)
+            .map_err(|_| Error::InvalidConfig {
+                what: "cache slot in use",
+                value: i as u64,
+                limit: MAX_CACHES as u64,
+            })?;
+        lock(&self.names).insert(name, i as u16);
+        Ok(i as u16)
+    }
+}
+
+/// The allocator over one arena: zones, caches, preservation, handover.
+///
+/// `Heap` is `Send + Sync` and cheap to clone (clones share everything).
+#[derive(Debug, Clone)]
+pub struct Heap {
+    shared: Arc<Shared>,
+}
+
+/// A named preservable cache: its slabs come only from the preservable pool
+/// and are preserved, scrubbed and recorded at every freeze.
+#[derive(Debug, Clone)]
+pub struct PreservableCache {
+    shared: Arc<Shared>,
+    index: u16,
+}
+
+/// A cache restored from an image with its live objects.
+#[derive(Debug)]
+pub struct RestoredCache {
+    /// Cache name.
+    pub name: String,
+    /// Object stride in bytes.
+    pub object_size: u32,
+    /// Object alignment.
+    pub align: u32,
+    addrs: Vec<u64>,
+    objects: Vec<Option<Obj>>,
+}
+
+impl RestoredCache {
+    /// Live objects not taken yet.
+    pub fn len(&self) -> usize {
+        self.objects.iter().filter(|o| o.is_some()).count()
+    }
+
+    /// Whether every object was taken.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Take the live object at `addr` (once).
+    pub fn take(&mut self, addr: PhysAddr) -> Option<Obj> {
+        let i = self.addrs.binary_search(&addr.0).ok()?;
+        self.objects.get_mut(i)?.take()
+    }
+
+    /// The live objects not taken yet, by address.
+    pub fn objects(&self) -> impl Iterator<Item = &Obj> + '_ {
+        self.objects.iter().flatten()
+    }
+
+    /// Every live object not taken yet, by address.
+    pub fn into_objects(self) -> Vec<Obj> {
+        self.objects.into_iter().flatten().collect()
+    }
+}
+
+/// What a successor got back from [`Heap::restore`].
+#[derive(Debug)]
+pub struct Restored {
+    /// Generation recorded in the image.
+    pub generation: u64,
+    /// The metadata tree, if the image had one.
+    pub tree: Option<Tree>,
+    /// Valid-byte extents declared by the predecessor.
+    pub extents: Vec<Extent>,
+    /// Preservable caches with their live objects.
+    pub caches: Vec<RestoredCache>,
+    /// Preserved folios that are not slab pages, by address.
+    pub folios: Vec<Pages>,
+}
+
+impl Restored {
+    /// The restored cache called `name`.
+    pub fn cache_mut(&mut self, name: &str) -> Option<&mut RestoredCache> {
+        self.caches.iter_mut().find(|c| c.name == name)
+    }
+
+    /// Take the preserved folio headed at `pfn` (once).
+    pub fn take_folio(&mut self, pfn: Pfn) -> Option<Pages> {
+        let i = self.folios.iter().position(|p| p.folio.pfn == pfn)?;
+        Some(self.folios.swap_remove(i))
+    }
+}
+
+fn image_folio(loc: &ImageLocation) -> Option<Folio> {
+    let pfn = PhysAddr(loc.offset).aligned_pfn()?;
+    let pages = loc.len.div_ceil(PAGE_SIZE).max(1);
+    let order = Order::new(u8::try_from(64 - (pages - 1).leading_zeros()).ok()?)?;
+    pfn.is_aligned(order).then_some(Folio { pfn, order })
+}
+
+impl Heap {
+    fn next_id() -> Result<u32> {
+        let id = NEXT_HEAP.fetch_add(1, Ordering::Relaxed);
+        if id == u32::MAX || id == 0 {
+            NEXT_HEAP.store(u32::MAX, Ordering::Relaxed);
+            return Err(Error::InvalidConfig {
+                what: "heap ids exhausted",
+                value: u64::from(id),
+                limit: u64::from(u32::MAX),
+            });
+        }
+        Ok(id)
+    }
+
+    fn build(arena: Arena, id: u32, populate: bool) -> Result<Shared> {
+        let layout = *arena.layout();
+        let general = Zone::new("general", layout.general, layout.max_order, populate)?;
+        let preservable = Zone::new(
+            "preservable",
+            layout.preservable,
+            layout.max_order,
+            populate,
+        )?;
+        let shared = Shared {
+            id,
+            general,
+            preservable,
+            caches: (0..MAX_CACHES).map(|_| OnceLock::new()).collect(),
+            names: Mutex::new(HashMap::new()),
+            preserved: Mutex::new(PreservedMap::new(Pfn(layout.pages))),
+            extents: Mutex::new(Vec::new()),
+            image: Mutex::new(None),
+            arena,
+        };
+        for (i, &size) in SIZE_CLASSES.iter().enumerate() {
+            let align = size.min(8).max(if size.is_power_of_two() {
+                size.min(64)
+            } else {
+                8
+            });
+            let g = SlabCache::new(
+                0,
+                format!("kmalloc-{size}"),
+                size,
+                align,
+                layout.max_order,
+                false,
+            )?;
+            shared.register(Some(i), g)?;
+            let p = SlabCache::new(
+                0,
+                format!("kmalloc-p-{size}"),
+                size,
+                align,
+                layout.max_order,
+                true,
+            )?;
+            shared.register(Some(NCLASSES + i), p)?;
+        }
+        Ok(shared)
+    }
+
+    /// A fresh heap over `arena`: every page of the general and preservable
+    /// regions free. Whatever image the arena holds is left in place but
+    /// not restored (use [`Heap::restore`] for that).
+    pub fn new(arena: Arena) -> Result<Heap> {
+        if !arena.is_writable() {
+            return Err(Error::ReadOnly);
+        }
+        let shared = Self::build(arena, Self::next_id()?, true)?;
+        Ok(Heap {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// Give the arena back, for a successor in the same process (or a
+    /// test) to [`restore`](Self::restore) from. Fails, returning the heap,
+    /// while clones of it or its caches are alive.
+    pub fn into_arena(self) -> std::result::Result<Arena, Heap> {
+        match Arc::try_unwrap(self.shared) {
+            Ok(shared) => Ok(shared.arena),
+            Err(shared) => Err(Heap { shared }),
+        }
+    }
+
+    /// The arena geometry.
+    pub fn layout(&self) -> &Layout {
+        self.shared.arena.layout()
+    }
+
+    /// The region of `pfn`.
+    pub fn region_of(&self, pfn: Pfn) -> Option<Region> {
+        self.shared.arena.region_of(pfn)
+    }
+
+    /// Arena size in bytes.
+    pub fn size(&self) -> u64 {
+        self.shared.arena.size()
+    }
+
+    /// The arena, for the crate's KFENCE pool.
+    #[allow(dead_code)] // used by the KFENCE pool
+    pub(crate) fn arena(&self) -> &Arena {
+        &self.shared.arena
+    }
+
+    /// Generation of the arena's current superblock.
+    pub fn generation(&self) -> u64 {
+        self.shared.arena.generation()
+    }
+
+    /// Location of the arena's committed image, if any.
+    pub fn current_image(&self) -> Option<ImageLocation> {
+        self.shared.arena.current_image()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HeapStats {
+        HeapStats {
+            general: self.shared.general.stats(),
+            preservable: self.shared.preservable.stats(),
+            preserved_folios: lock(&self.shared.preserved).folio_count(),
+        }
+    }
+
+    fn check_heap(&self, heap: u32) -> Result<()> {
+        if heap == self.shared.id {
+            Ok(())
+        } else {
+            Err(Error::WrongHeap {
+                expected: u64::from(self.shared.id),
+                found: u64::from(heap),
+            })
+        }
+    }
+
+    // ---- pages -------------------------------------------------------
+
+    /// Allocate a folio of `order`: from the preservable pool with
+    /// [`GfpFlags::PRESERVE`], from general memory otherwise.
+    pub fn alloc_pages(&self, order: Order, flags: GfpFlags) -> Result<Pages> {
+        let zone = if flags.contains(GfpFlags::PRESERVE) {
+            &self.shared.preservable
+        } else {
+            &self.shared.general
+        };
+        let pfn = zone.alloc(order, flags.contains(GfpFlags::NOWAIT))?;
+        let folio = Folio { pfn, order };
+        if flags.contains(GfpFlags::ZERO) {
+            self.shared
+                .zero_owned(PhysRange::new(folio.addr(), folio.bytes()))?;
+        }
+        Ok(Pages {
+            folio,
+            heap: self.shared.id,
+        })
+    }
+
+    /// Free a folio. A folio still preserved is unpreserved first.
+    pub fn free_pages(&self, pages: Pages) -> Result<()> {
+        self.check_heap(pages.heap)?;
+        let f = pages.folio;
+        {
+            let mut map = lock(&self.shared.preserved);
+            if map.is_preserved(f.pfn).is_some() {
+                let _ = map.unpreserve(f.pfn, f.order);
+            }
+        }
+        self.free_folio(f)
+    }
+
+    fn free_folio(&self, f: Folio) -> Result<()> {
+        let zone = self.shared.zone_of(f.pfn).ok_or(Error::NotAllocated {
+            addr: f.addr().0,
+            expected: "a folio of the general or preservable zone",
+        })?;
+        let max = zone.max_order();
+        if f.order <= max {
+            zone.free(f.pfn, false)?;
+        } else {
+            // Restored folios above the zone's order were claimed as
+            // several maximal blocks.
+            let mut p = f.pfn.0;
+            while p < f.end_pfn().0 {
+                zone.free(Pfn(p), false)?;
+                p += max.pages();
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of a folio.
+    pub fn page_bytes<'a>(&'a self, pages: &'a Pages) -> Result<&'a [u8]> {
+        self.check_heap(pages.heap)?;
+        // SAFETY:
+        // - `pages` is the only handle to this folio (handles are not
+        //   `Clone` and are made once per allocation or restored folio); a
+        //   shared borrow of it excludes writers.
+        unsafe { self.shared.arena.slice_shared(pages.range()) }
+    }
+
+    /// The bytes of a folio, writable.
+    pub fn page_bytes_mut<'a>(&'a self, pages: &'a mut Pages) -> Result<&'a mut [u8]> {
+        self.check_heap(pages.heap)?;
+        // SAFETY:
+        // - `pages` is the only handle to this folio and is borrowed
+        //   mutably for the result's lifetime, so no other reference to
+        //   these bytes exists.
+        unsafe { self.shared.arena.slice_mut_shared(pages.range()) }
+    }
+
+    // ---- objects -----------------------------------------------------
+
+    /// Allocate `size` bytes: from the general size classes, from the
+    /// preservable size classes with [`GfpFlags::PRESERVE`], or as a whole
+    /// folio above 4 KiB.
+    ///
+    /// This is the single entry point of general object allocation: the
+    /// KFENCE sampling hook belongs at its top (never for `PRESERVE`).
+    pub fn alloc(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
+        if size > MAX_OBJECT_SIZE as usize {
+            return self.alloc_large(size, flags);
+        }
+        let class = class_of(size);
+        let preserve = flags.contains(GfpFlags::PRESERVE);
+        let index = if preserve { NCLASSES + class } else { class };
+        let mut obj = if preserve || flags.contains(GfpFlags::NOWAIT) {
+            self.alloc_locked(index as u16, flags)?
+        } else {
+            self.alloc_magazine(class)?
+        };
+        obj.len = size.max(1) as u32;
+        if flags.contains(GfpFlags::ZERO) {
+            self.shared.zero_owned(obj.range())?;
+        }
+        if preserve {
+            self.zero_slack(&obj, SIZE_CLASSES[class])?;
+        }
+        Ok(obj)
+    }
+
+    /// Zero the bytes between a preservable object's length and its
+    /// stride, so that nothing stale hides in a live slot at freeze.
+    fn zero_slack(&self, obj: &Obj, stride: u32) -> Result<()> {
+        if obj.len < stride {
+            let slack = PhysRange::new(
+                PhysAddr(obj.addr + u64::from(obj.len)),
+                u64::from(stride - obj.len),
+            );
+            self.shared.zero_owned(slack)?;
+        }
+        Ok(())
+    }
+
+    fn alloc_large(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
+        let pages = (size as u64).div_ceil(PAGE_SIZE);
+        let order = u8::try_from(64 - (pages - 1).leading_zeros())
+            .ok()
+            .and_then(Order::new)
+            .filter(|o| *o <= self.layout().max_order)
+            .ok_or(Error::BadSize {
+                size: size as u64,
+                align: PAGE_SIZE,
+                max: self.layout().max_order.bytes(),
+            })?;
+        let p = self.alloc_pages(order, flags)?;
+        let obj = Obj {
+            addr: p.folio.addr().0,
+            heap: self.shared.id,
+            slab: 0,
+            len: size as u32,
+            cache: 0,
+            kind: KIND_LARGE,
+            order: order.get(),
+        };
+        // The folio now belongs to the object handle.
+        p.leak();
+        Ok(obj)
+    }
+
+    fn alloc_locked(&self, index: u16, flags: GfpFlags) -> Result<Obj> {
+        let s = &self.shared;
+        let cache = s.cache(index).ok_or(Error::InvalidConfig {
+            what: "cache index",
+            value: u64::from(index),
+            limit: MAX_CACHES as u64,
+        })?;
+        let mut out = Vec::with_capacity(1);
+        cache.alloc_batch(
+            s.zone_for(cache),
+            flags.contains(GfpFlags::NOWAIT),
+            1,
+            &mut out,
+        )?;
+        let (addr, slab) = out.pop().ok_or(Error::OutOfMemory {
+            order: cache.order.get(),
+            zone: s.zone_for(cache).name(),
+        })?;
+        Ok(Obj {
+            addr,
+            heap: s.id,
+            slab,
+            len: cache.size,
+            cache: index,
+            kind: KIND_SLAB,
+            order: 0,
+        })
+    }
+
+    fn alloc_magazine(&self, class: usize) -> Result<Obj> {
+        let s = &self.shared;
+        let got = magazine::with(&self.shared, NCLASSES, |tc| {
+            let mag = &mut tc.mags[class];
+            if mag.is_empty() {
+                let cache = s.caches[class].get()?;
+                cache
+                    .alloc_batch(&s.general, false, magazine::MAG_BATCH, mag)
+                    .ok()?;
+            }
+            mag.pop()
+        });
+        match got {
+            Some(Some((addr, slab))) => Ok(Obj {
+                addr,
+                heap: s.id,
+                slab,
+                len: SIZE_CLASSES[class],
+                cache: class as u16,
+                kind: KIND_SLAB,
+                order: 0,
+            }),
+            // No thread-local storage, or the refill failed: the locked
+            // path reports the precise error.
+            _ => self.alloc_locked(class as u16, GfpFlags::NONE),
+        }
+    }
+
+    /// Free an object from [`alloc`](Self::alloc) or a cache.
+    ///
+    /// The single entry point of general object free: the KFENCE hook
+    /// (recognising a sampled object by address) belongs at its top.
+    pub fn free(&self, obj: Obj) -> Result<()> {
+        self.check_heap(obj.heap)?;
+        let s = &self.shared;
+        if obj.kind == KIND_LARGE {
+            let order = Order::new(obj.order).unwrap_or(Order::ZERO);
+            return self.free_folio(Folio {
+                pfn: PhysAddr(obj.addr).pfn(),
+                order,
+            });
+        }
+        let cache = s.cache(obj.cache).ok_or(Error::NotAllocated {
+            addr: obj.addr,
+            expected: "an object of a known cache",
+        })?;
+        if !cache.preservable && usize::from(obj.cache) < NCLASSES {
+            let class = usize::from(obj.cache);
+            let pushed = magazine::with(&self.shared, NCLASSES, |tc| {
+                let mag = &mut tc.mags[class];
+                mag.push((obj.addr, obj.slab));
+                if mag.len() >= magazine::MAG_CAP {
+                    let mut spill: Vec<(u64, u32)> = mag.drain(magazine::MAG_CAP / 2..).collect();
+                    s.flush_magazine(class, &mut spill);
+                }
+            });
+            if pushed.is_some() {
+                return Ok(());
+            }
+        }
+        if let Some(pfn) = cache.free(obj.addr, obj.slab)? {
+            s.zone_for(cache).free(pfn, false)?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of an object.
+    pub fn bytes<'a>(&'a self, obj: &'a Obj) -> Result<&'a [u8]> {
+        self.check_heap(obj.heap)?;
+        // SAFETY:
+        // - `obj` is the only handle to these bytes (handles are not
+        //   `Clone`, made once per allocation or restored object, and
+        //   objects never overlap); borrowing it shared excludes writers.
+        unsafe { self.shared.arena.slice_shared(obj.range()) }
+    }
+
+    /// The bytes of an object, writable.
+    pub fn bytes_mut<'a>(&'a self, obj: &'a mut Obj) -> Result<&'a mut [u8]> {
+        self.check_heap(obj.heap)?;
+        // SAFETY:
+        // - `obj` is the only handle to these bytes and is borrowed
+        //   mutably for the result's lifetime.
+        unsafe { self.shared.arena.slice_mut_shared(obj.range()) }
+    }
+
+    /// A zerocopy view of an object as `T`.
+    pub fn view<'a, T>(&'a self, obj: &'a Obj) -> Result<&'a T>
+    where
+        T: zerocopy::FromBytes + zerocopy::KnownLayout + zerocopy::Immutable,
+    {
+        let bytes = self.bytes(obj)?;
+        T::ref_from_prefix(bytes)
+            .map(|(t, _)| t)
+            .map_err(|_| Error::BadSize {
+                size: bytes.len() as u64,
+                align: core::mem::align_of::<T>() as u64,
+                max: core::mem::size_of::<T>() as u64,
+            })
+    }
+
+    /// A mutable zerocopy view of an object as `T`.
+    pub fn view_mut<'a, T>(&'a self, obj: &'a mut Obj) -> Result<&'a mut T>
+    where
+        T: zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::KnownLayout,
+    {
+        let bytes = self.bytes_mut(obj)?;
+        let len = bytes.len() as u64;
+        T::mut_from_prefix(bytes)
+            .map(|(t, _)| t)
+            .map_err(|_| Error::BadSize {
+                size: len,
+                align: core::mem::align_of::<T>() as u64,
+                max: core::mem::size_of::<T>() as u64,
+            })
+    }
+
+    /// The named preservable cache, created on first use. A name already
+    /// in use (or restored) must come with the same geometry.
+    pub fn cache(&self, name: &str, size: u32, align: u32) -> Result<PreservableCache> {
+        let s = &self.shared;
+        let (stride, order, per_slab) =
+            crate::slab::geometry(size, align, self.layout().max_order)?;
+        let existing = lock(&s.names).get(name).copied();
+        let index = match existing {
+            Some(i) => {
+                let c = s.cache(i).ok_or(Error::InvalidConfig {
+                    what: "cache index",
+                    value: u64::from(i),
+                    limit: MAX_CACHES as u64,
+                })?;
+                let mismatch = |what, expected: u64, found: u64| Error::CacheMismatch {
+                    name: name.to_owned(),
+                    what,
+                    expected,
+                    found,
+                };
+                if !c.preservable {
+                    return Err(mismatch("preservable", 1, 0));
+                }
+                if c.stride != stride {
+                    return Err(mismatch("object stride", c.stride.into(), stride.into()));
+                }
+                if c.align != align {
+                    return Err(mismatch("align", c.align.into(), align.into()));
+                }
+                if c.order != order || c.per_slab != per_slab {
+                    return Err(mismatch(
+                        "slab order",
+                        c.order.get().into(),
+                        order.get().into(),
+                    ));
+                }
+                i
+            }
+            None => {
+                let c = SlabCache::new(
+                    0,
+                    name.to_owned(),
+                    size,
+                    align,
+                    self.layout().max_order,
+                    true,
+                )?;
+                s.register(None, c)?
+            }
+        };
+        Ok(PreservableCache {
+            shared: Arc::clone(&self.shared),
+            index,
+        })
+    }
+
+    // ---- preservation ------------------------------------------------
+
+    /// Refuse ranges touching superblock, scratch or KFENCE pages, or
+    /// memory that is not allocated.
+    fn check_preservable(&self, first: Pfn, end: Pfn, addr: u64, len: u64) -> Result<()> {
+        let layout = self.layout();
+        for (region, r) in layout.regions() {
+            if matches!(
+                region,
+                Region::Superblock | Region::Scratch | Region::Kfence
+            ) && first < r.end
+                && r.start < end
+            {
+                return Err(Error::PreserveRefused {
+                    addr,
+                    len,
+                    pfn: first.max(r.start).0,
+                    region: region.name(),
+                });
+            }
+        }
+        if end.0 > layout.pages {
+            return Err(Error::OutOfBounds {
+                offset: addr,
+                len,
+                size: self.size(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Preserve an allocated folio across the next handover.
+    pub fn preserve_pages(&self, pages: &Pages) -> Result<()> {
+        self.check_heap(pages.heap)?;
+        self.preserve_folio(pages.folio)
+    }
+
+    /// Preserve the folio `folio` of arena memory. Scratch, KFENCE and
+    /// superblock memory is refused.
+    pub fn preserve_folio(&self, folio: Folio) -> Result<()> {
+        self.check_preservable(folio.pfn, folio.end_pfn(), folio.addr().0, folio.bytes())?;
+        lock(&self.shared.preserved).preserve(folio.pfn, folio.order)?;
+        Ok(())
+    }
+
+    /// Preserve the page-aligned `range`, split into maximal folios.
+    pub fn preserve_range(&self, range: PhysRange) -> Result<()> {
+        let (first, end) = range.pfns().ok_or(Error::OutOfBounds {
+            offset: range.start,
+            len: range.len,
+            size: self.size(),
+        })?;
+        self.check_preservable(first, end, range.start, range.len)?;
+        lock(&self.shared.preserved).preserve_range(range.start(), range.len)?;
+        Ok(())
+    }
+
+    /// Undo [`preserve_folio`](Self::preserve_folio).
+    pub fn unpreserve_folio(&self, folio: Folio) -> Result<()> {
+        lock(&self.shared.preserved).unpreserve(folio.pfn, folio.order)?;
+        Ok(())
+    }
+
+    /// Undo [`preserve_range`](Self::preserve_range).
+    pub fn unpreserve_range(&self, range: PhysRange) -> Result<()> {
+        lock(&self.shared.preserved).unpreserve_range(range.start(), range.len)?;
+        Ok(())
+    }
+
+    /// Whether `pfn` is preserved or will be at the next freeze: inside a
+    /// folio given to `preserve_*`, or anywhere in the preservable pool
+    /// (whose slab pages are preserved at freeze). The KFENCE pool must
+    /// never contain such a page.
+    pub fn is_preserved(&self, pfn: Pfn) -> bool {
+        self.region_of(pfn) == Some(Region::Preservable)
+            || lock(&self.shared.preserved).is_preserved(pfn).is_some()
+    }
+
+    /// Declare `range` (inside preserved memory) valid for checkers.
+    pub fn add_extent(&self, range: PhysRange, tag: u32) {
+        lock(&self.shared.extents).push(Extent { range, tag });
+    }
+
+    // ---- freeze ------------------------------------------------------
+
+    /// Freeze: preserve every preservable slab page holding live objects,
+    /// zero their free slots and tails, and write a handover image (MEMMAP,
+    /// SCRATCH, KFENCE, SLAB, EXTENTS and `tree`) into a fresh folio of
+    /// general memory. Nothing is published: pass the result to
+    /// [`commit`](Self::commit) (or [`discard`](Self::discard)).
+    ///
+    /// Callers stop allocating from preservable caches for the duration
+    /// (the blackout); each cache is locked while it is recorded.
+    pub fn freeze(&self, tree: Option<&Tree>) -> Result<FrozenImage> {
+        let s = &self.shared;
+        let layout = *self.layout();
+        let mut map = lock(&s.preserved).clone();
+        let mut stats = FreezeStats::default();
+        let mut caches = Vec::new();
+        let mut pages = Vec::new();
+        for cache in s.caches.iter().filter_map(OnceLock::get) {
+            if !cache.preservable {
+                continue;
+            }
+            caches.push(SlabCacheInfo {
+                id: u32::from(cache.index),
+                name: cache.name.clone(),
+                object_size: cache.stride,
+                align: cache.align,
+                objects_per_slab: cache.per_slab,
+                order: cache.order,
+            });
+            let g = cache.lock();
+            let mut pfns = Vec::new();
+            for slab in g.slabs.iter() {
+                if SlabCache::is_vacant(slab) || slab.free == cache.per_slab {
+                    continue;
+                }
+                let mut scrub = Ok(());
+                cache.dead_ranges(slab, |r| {
+                    stats.scrubbed_bytes += r.len;
+                    if scrub.is_ok() {
+                        scrub = s.zero_owned(r);
+                    }
+                });
+                scrub?;
+                stats.live_objects += u64::from(cache.per_slab - slab.free);
+                pages.push(SlabPageInfo {
+                    pfn: Pfn(slab.pfn),
+                    cache_id: u32::from(cache.index),
+                    order: cache.order,
+                    object_size: cache.stride,
+                    object_count: cache.per_slab,
+                    first_offset: 0,
+                    bitmap: slab.bitmap.to_vec(),
+                });
+                pfns.push(slab.pfn);
+            }
+            drop(g);
+            stats.slab_pages += pfns.len() as u64;
+            pfns.sort_unstable();
+            let step = cache.order.pages();
+            let mut i = 0;
+            while i < pfns.len() {
+                let mut j = i + 1;
+                while j < pfns.len() && pfns[j] == pfns[j - 1] + step {
+                    j += 1;
+                }
+                map.preserve_folios(Pfn(pfns[i]), cache.order, (j - i) as u64)?;
+                i = j;
+            }
+        }
+        stats.preserved_folios = map.folio_count();
+        let generation = s.arena.generation().wrapping_add(1);
+        let mut builder = ImageBuilder::new(layout.size())
+            .generation(generation)
+            .memmap(&map)
+            .scratch(vec![layout.bytes_of(Region::Scratch)])
+            .kfence(vec![layout.bytes_of(Region::Kfence)])
+            .slab(caches, pages)
+            .extents(lock(&s.extents).clone());
+        if let Some(t) = tree {
+            builder = builder.tree(t);
+        }
+        let len = builder.encoded_len();
+        let npages = len.div_ceil(PAGE_SIZE).max(1);
+        let order = u8::try_from(64 - (npages - 1).leading_zeros())
+            .ok()
+            .and_then(Order::new)
+            .filter(|o| *o <= layout.max_order)
+            .ok_or(Error::BadSize {
+                size: len,
+                align: PAGE_SIZE,
+                max: layout.max_order.bytes(),
+            })?;
+        let pfn = s.general.alloc(order, false)?;
+        let folio = Folio { pfn, order };
+        let written = (|| {
+            // SAFETY:
+            // - The folio was just taken from the general zone; no handle
+            //   refers to it.
+            let out = unsafe { s.arena.slice_mut_shared(PhysRange::new(folio.addr(), len)) }?;
+            builder.write_to(out)?;
+            Ok::<u32, Error>(crc32fast::hash(out))
+        })();
+        let crc = match written {
+            Ok(crc) => crc,
+            Err(e) => {
+                let _ = s.general.free(pfn, false);
+                return Err(e);
+            }
+        };
+        stats.image_len = len;
+        Ok(FrozenImage {
+            location: ImageLocation {
+                offset: folio.addr().0,
+                len,
+                crc,
+            },
+            folio,
+            generation,
+            heap: s.id,
+            stats,
+        })
+    }
+
+    /// Publish a frozen image: `msync` it, then flip the superblock. The
+    /// previous image's pages are freed. Returns the new generation.
+    pub fn commit(&self, frozen: FrozenImage) -> Result<u64> {
+        self.check_heap(frozen.heap)?;
+        let generation = self.shared.arena.commit_image(frozen.location)?;
+        let old = lock(&self.shared.image).replace(frozen.folio);
+        if let Some(old) = old {
+            self.shared.general.free(old.pfn, false)?;
+        }
+        Ok(generation)
+    }
+
+    /// Drop a frozen image without publishing it (cancel).
+    pub fn discard(&self, frozen: FrozenImage) -> Result<()> {
+        self.check_heap(frozen.heap)?;
+        self.shared.general.free(frozen.folio.pfn, false)?;
+        Ok(())
+    }
+
+    /// The bytes of a frozen image.
+    pub fn frozen_bytes<'a>(&'a self, frozen: &'a FrozenImage) -> Result<&'a [u8]> {
+        self.check_heap(frozen.heap)?;
+        let loc = frozen.location;
+        // SAFETY:
+        // - The image folio is owned by `frozen` and nothing writes it
+        //   after `freeze`.
+        unsafe {
+            self.shared
+                .arena
+                .slice_shared(PhysRange::new(PhysAddr(loc.offset), loc.len))
+        }
+    }
+
+    /// Freeze and commit in one step.
+    pub fn freeze_and_commit(&self, tree: Option<&Tree>) -> Result<(u64, FreezeStats)> {
+        let frozen = self.freeze(tree)?;
+        let stats = frozen.stats;
+        Ok((self.commit(frozen)?, stats))
+    }
+
+    // ---- restore -----------------------------------------------------
+
+    /// Restore in a successor: validate the arena's image, claim every
+    /// preserved folio as allocated, rebuild each preservable cache with
+    /// its live objects at the same addresses, release everything else,
+    /// and record in the superblock that the image was restored (a second
+    /// restore of it is refused).
+    pub fn restore(arena: Arena) -> Result<(Heap, Restored)> {
+        if !arena.is_writable() {
+            return Err(Error::ReadOnly);
+        }
+        let sb = arena.superblock();
+        if arena.image_restored() {
+            return Err(Error::AlreadyRestored {
+                generation: sb.generation,
+            });
+        }
+        let loc = sb.image.ok_or(Error::NoImage)?;
+        let id = Self::next_id()?;
+        // Parse from a private copy: the image pages are claimed below and
+        // `arena` moves into the heap.
+        let bytes = arena.image_bytes()?.to_vec();
+        let shared = Self::build(arena, id, false)?;
+        let image = Image::parse(&bytes)?;
+        let layout = *shared.arena.layout();
+        if image.arena_size() != layout.size() {
+            return Err(Error::GeometryMismatch {
+                what: "image arena size",
+                expected: layout.size(),
+                found: image.arena_size(),
+            });
+        }
+        if image.header().page_shift != kho_core::PAGE_SHIFT {
+            return Err(Error::GeometryMismatch {
+                what: "image page shift",
+                expected: u64::from(kho_core::PAGE_SHIFT),
+                found: u64::from(image.header().page_shift),
+            });
+        }
+        let img_folio = image_folio(&loc).ok_or(Error::Inconsistent {
+            addr: loc.offset,
+            what: "image location not a folio",
+            expected: PAGE_SIZE,
+            found: loc.offset % PAGE_SIZE,
+        })?;
+        if !shared.general.contains(img_folio.pfn) {
+            return Err(Error::Inconsistent {
+                addr: loc.offset,
+                what: "image outside general memory",
+                expected: layout.general.start.0,
+                found: img_folio.pfn.0,
+            });
+        }
+        shared.general.claim(img_folio.pfn, img_folio.order)?;
+        *lock(&shared.image) = Some(img_folio);
+
+        let mut restorer = Restorer::new(&image);
+        for f in restorer.restore_all() {
+            let zone = shared
+                .zone_of(f.pfn)
+                .ok_or_else(|| Error::PreserveRefused {
+                    addr: f.addr().0,
+                    len: f.bytes(),
+                    pfn: f.pfn.0,
+                    region: layout.region_of(f.pfn).map_or("outside", Region::name),
+                })?;
+            zone.claim(f.pfn, f.order)?;
+        }
+        shared.general.release_reserved();
+        shared.preservable.release_reserved();
+
+        // Caches: map image ids to heap caches by name.
+        let mut ids: HashMap<u32, u16> = HashMap::new();
+        let mut restored_caches: Vec<RestoredCache> = Vec::new();
+        for c in image.slab_caches() {
+            let known = lock(&shared.names).get(c.name()).copied();
+            let index = match known {
+                Some(i) => i,
+                None => {
+                    let cache = SlabCache::new(
+                        0,
+                        c.name().to_owned(),
+                        c.object_size(),
+                        c.align(),
+                        layout.max_order,
+                        true,
+                    )?;
+                    shared.register(None, cache)?
+                }
+            };
+            let cache = shared.cache(index).ok_or(Error::Inconsistent {
+                addr: 0,
+                what: "cache slot",
+                expected: 1,
+                found: 0,
+            })?;
+            if !cache.preservable
+                || cache.stride != c.object_size()
+                || cache.per_slab != c.objects_per_slab()
+                || cache.order != c.order()
+            {
+                return Err(Error::CacheMismatch {
+                    name: c.name().to_owned(),
+                    what: "object size",
+                    expected: u64::from(cache.stride),
+                    found: u64::from(c.object_size()),
+                });
+            }
+            ids.insert(c.id(), index);
+            restored_caches.push(RestoredCache {
+                name: c.name().to_owned(),
+                object_size: cache.stride,
+                align: cache.align,
+                addrs: Vec::new(),
+                objects: Vec::new(),
+            });
+        }
+        let mut slab_pfns = std::collections::HashSet::new();
+        for p in image.slab_pages() {
+            let pos = ids.get(&p.cache_id()).copied();
+            let index = pos.ok_or(Error::Inconsistent {
+                addr: p.pfn().0 << kho_core::PAGE_SHIFT,
+                what: "slab page of an unknown cache",
+                expected: 0,
+                found: u64::from(p.cache_id()),
+            })?;
+            let cache = shared.cache(index).ok_or(Error::Inconsistent {
+                addr: 0,
+                what: "cache slot",
+                expected: 1,
+                found: 0,
+            })?;
+            let inconsistent = |what, expected: u64, found: u64| Error::Inconsistent {
+                addr: p.pfn().0 << kho_core::PAGE_SHIFT,
+                what,
+                expected,
+                found,
+            };
+            if p.order() != cache.order {
+                return Err(inconsistent(
+                    "slab order",
+                    cache.order.get().into(),
+                    p.order().get().into(),
+                ));
+            }
+            if p.object_count() != cache.per_slab
+                || p.first_offset() != 0
+                || p.object_size() != cache.stride
+            {
+                return Err(inconsistent(
+                    "slab geometry",
+                    cache.per_slab.into(),
+                    p.object_count().into(),
+                ));
+            }
+            if shared.preservable.allocated_order(p.pfn()) != Some(cache.order) {
+                return Err(inconsistent(
+                    "slab page not a preserved folio of the pool",
+                    1,
+                    0,
+                ));
+            }
+            let slab = cache.adopt(p.pfn(), p.bitmap_words().collect())?;
+            slab_pfns.insert(p.pfn());
+            let rc = restored_caches
+                .iter_mut()
+                .find(|r| r.name == cache.name)
+                .ok_or(inconsistent("restored cache", 1, 0))?;
+            for i in p.allocated() {
+                let addr =
+                    p.object_addr(i)
+                        .ok_or(inconsistent("object address", 0, u64::from(i)))?;
+                rc.addrs.push(addr.0);
+                rc.objects.push(Some(Obj {
+                    addr: addr.0,
+                    heap: id,
+                    slab,
+                    len: cache.stride,
+                    cache: index,
+                    kind: KIND_SLAB,
+                    order: 0,
+                }));
+            }
+        }
+        for rc in &mut restored_caches {
+            // Pages arrive sorted by PFN and objects by index: already
+            // sorted, but do not rely on the writer for `take`.
+            if !rc.addrs.windows(2).all(|w| w[0] < w[1]) {
+                let mut pairs: Vec<_> = rc.addrs.drain(..).zip(rc.objects.drain(..)).collect();
+                pairs.sort_unstable_by_key(|p| p.0);
+                (rc.addrs, rc.objects) = pairs.into_iter().unzip();
+            }
+        }
+        let folios = image
+            .folios()
+            .filter(|f| !slab_pfns.contains(&f.pfn))
+            .map(|folio| Pages { folio, heap: id })
+            .collect();
+        let restored = Restored {
+            generation: image.header().generation,
+            tree: image.tree().cloned(),
+            extents: image.extents().collect(),
+            caches: restored_caches,
+            folios,
+        };
+        drop(restorer);
+        drop(image);
+        shared.arena.mark_restored()?;
+        Ok((
+            Heap {
+                shared: Arc::new(shared),
+            },
+            restored,
+        ))
+    }
+}
+
+impl PreservableCache {
+    /// A named preservable cache of `heap` (same as [`Heap::cache`]).
+    pub fn new(heap: &Heap, name: &str, size: u32, align: u32) -> Result<PreservableCache> {
+        heap.cache(name, size, align)
+    }
+
+    fn inner(&self) -> Result<&SlabCache> {
+        self.shared.cache(self.index).ok_or(Error::InvalidConfig {
+            what: "cache index",
+            value: u64::from(self.index),
+            limit: MAX_CACHES as u64,
+        })
+    }
+
+    /// Cache name.
+    pub fn name(&self) -> &str {
+        self.inner().map_or("", |c| c.name.as_str())
+    }
+
+    /// Object stride in bytes.
+    pub fn object_size(&self) -> u32 {
+        self.inner().map_or(0, |c| c.stride)
+    }
+
+    /// Live objects.
+    pub fn live(&self) -> u64 {
+        self.inner().map_or(0, SlabCache::live)
+    }
+
+    /// Allocate an object (only [`GfpFlags::ZERO`] and
+    /// [`GfpFlags::NOWAIT`] matter; memory always comes from the pool).
+    pub fn alloc(&self, flags: GfpFlags) -> Result<Obj> {
+        let heap = Heap {
+            shared: Arc::clone(&self.shared),
+        };
+        let mut obj = heap.alloc_locked(self.index, flags)?;
+        let cache = self.inner()?;
+        obj.len = cache.size;
+        if flags.contains(GfpFlags::ZERO) {
+            self.shared.zero_owned(obj.range())?;
+        }
+        heap.zero_slack(&obj, cache.stride)?;
+        Ok(obj)
+    }
+
+    /// Free an object of this cache.
+    pub fn free(&self, obj: Obj) -> Result<()> {
+        if obj.cache != self.index || obj.kind != KIND_SLAB {
+            return Err(Error::NotAllocated {
+                addr: obj.addr,
+                expected: "an object of this cache",
+            });
+        }
+        Heap {
+            shared: Arc::clone(&self.shared),
+        }
+        .free(obj)
+    }
+}

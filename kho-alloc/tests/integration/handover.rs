@@ -1,0 +1,397 @@
+//! Freeze, commit and restore: in one process, across processes, and the
+//! refusals.
+
+use std::process::Command;
+
+use kho_alloc::{Arena, ArenaConfig, Error, GfpFlags, Heap, Obj};
+use kho_core::{Image, ImageBuilder, Node, Order, Pfn, PhysAddr, PhysRange, Tree, PAGE_SIZE};
+
+use crate::common::{checksum, populate, OBJ};
+
+const ROLE: &str = "KHO_ALLOC_TEST_ROLE";
+const PATH: &str = "KHO_ALLOC_TEST_ARENA";
+
+fn cfg() -> ArenaConfig {
+    ArenaConfig::with_size(32 << 20)
+}
+
+/// What the predecessor left: live objects' checksum and a preserved folio.
+struct Written {
+    objects: usize,
+    sum: u64,
+    folio: PhysRange,
+}
+
+/// Predecessor: a cache with live and freed objects, a preserved folio of
+/// general memory, a tree pointing at it; freeze and commit.
+fn write_state(heap: &Heap) -> Written {
+    let kv = heap.cache("kv", OBJ, 8).unwrap();
+    let mut objs = populate(heap, &kv, 1000);
+    // Free every third object: free slots to scrub and to reuse.
+    let mut keep: Vec<Obj> = Vec::new();
+    for (i, o) in objs.drain(..).enumerate() {
+        if i % 3 == 0 {
+            kv.free(o).unwrap();
+        } else {
+            keep.push(o);
+        }
+    }
+    keep.sort_by_key(|o| o.addr());
+    let sum = checksum(keep.iter().map(|o| (o.addr().0, heap.bytes(o).unwrap())));
+    let mut pages = heap
+        .alloc_pages(Order::new(2).unwrap(), GfpFlags::NONE)
+        .unwrap();
+    heap.page_bytes_mut(&mut pages).unwrap().fill(0x5a);
+    heap.preserve_pages(&pages).unwrap();
+    let folio = pages.range();
+    heap.add_extent(folio, 7);
+    let tree = Tree::new(
+        Node::root("kho-alloc-test-v1")
+            .with_u64("objects", keep.len() as u64)
+            .with_u64("checksum", sum)
+            .with_range("table", folio),
+    );
+    let (generation, stats) = heap.freeze_and_commit(Some(&tree)).unwrap();
+    assert_eq!(generation, 2);
+    assert_eq!(stats.live_objects, keep.len() as u64);
+    assert!(stats.scrubbed_bytes >= 334 * u64::from(OBJ));
+    // The objects stay allocated in this process; leaking the handles is
+    // what a predecessor about to exit does.
+    keep.into_iter().for_each(|o| {
+        o.leak();
+    });
+    pages.leak();
+    Written {
+        objects: 666,
+        sum,
+        folio,
+    }
+}
+
+/// Successor: restore and check everything.
+fn check_restored(arena: Arena, expect: Option<&Written>) -> Heap {
+    let (heap, mut restored) = Heap::restore(arena).unwrap();
+    let tree = restored.tree.clone().expect("tree");
+    let root = tree.root();
+    root.expect_compatible("kho-alloc-test-v1").unwrap();
+    let objects = root.u64_prop("objects").unwrap() as usize;
+    let sum = root.u64_prop("checksum").unwrap();
+    let table = root.range_prop("table").unwrap();
+    if let Some(w) = expect {
+        assert_eq!((objects, sum, table), (w.objects, w.sum, w.folio));
+    }
+    assert_eq!(restored.extents.len(), 1);
+    assert_eq!(restored.extents[0].range, table);
+
+    let pages = restored
+        .take_folio(PhysAddr(table.start).pfn())
+        .expect("preserved folio");
+    assert!(heap.page_bytes(&pages).unwrap().iter().all(|&b| b == 0x5a));
+
+    let rc = restored.cache_mut("kv").expect("kv cache");
+    assert_eq!(rc.len(), objects);
+    let addrs: Vec<PhysAddr> = rc.objects().map(Obj::addr).collect();
+    let live: Vec<Obj> = addrs.iter().map(|&a| rc.take(a).unwrap()).collect();
+    assert!(rc.is_empty() && rc.take(addrs[0]).is_none());
+    let got = checksum(live.iter().map(|o| (o.addr().0, heap.bytes(o).unwrap())));
+    assert_eq!(got, sum, "live object checksum");
+
+    // The cache continues: new objects never overlap restored ones, and
+    // restored objects can be freed and reused.
+    let kv = heap.cache("kv", OBJ, 8).unwrap();
+    assert_eq!(kv.live(), objects as u64);
+    let fresh: Vec<Obj> = (0..500)
+        .map(|_| kv.alloc(GfpFlags::ZERO).unwrap())
+        .collect();
+    for f in &fresh {
+        assert!(live.iter().all(|o| !o.range().overlaps(f.range())));
+        assert!(!f.range().overlaps(table));
+        assert!(heap.bytes(f).unwrap().iter().all(|&b| b == 0));
+    }
+    for o in live.into_iter().chain(fresh) {
+        kv.free(o).unwrap();
+    }
+    assert_eq!(kv.live(), 0);
+    heap.free_pages(pages).unwrap();
+    // Same-geometry checks.
+    assert!(matches!(
+        heap.cache("kv", 128, 8),
+        Err(Error::CacheMismatch { .. })
+    ));
+    heap
+}
+
+#[test]
+fn round_trip_in_one_process() {
+    let arena = Arena::heap(&cfg()).unwrap();
+    let heap = Heap::new(arena).unwrap();
+    let w = write_state(&heap);
+    let arena = heap.into_arena().unwrap();
+    let heap = check_restored(arena, Some(&w));
+    // A second restore of the same image is refused.
+    let arena = heap.into_arena().unwrap();
+    assert!(matches!(
+        Heap::restore(arena),
+        Err(Error::AlreadyRestored { .. })
+    ));
+}
+
+#[test]
+fn round_trip_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("arena");
+    let w = {
+        let heap = Heap::new(Arena::create_file(&path, &cfg()).unwrap()).unwrap();
+        write_state(&heap)
+    };
+    check_restored(Arena::open(&path).unwrap(), Some(&w));
+    assert!(matches!(
+        Heap::restore(Arena::open(&path).unwrap()),
+        Err(Error::AlreadyRestored { .. })
+    ));
+    assert!(matches!(
+        Heap::restore(Arena::open_readonly(&path).unwrap()),
+        Err(Error::ReadOnly)
+    ));
+}
+
+/// Parent writes an arena file, a re-executed copy of this test binary
+/// restores it and verifies every live object's checksum.
+#[test]
+fn round_trip_across_processes() {
+    if std::env::var(ROLE).as_deref() == Ok("child") {
+        let path = std::env::var(PATH).unwrap();
+        check_restored(Arena::open(&path).unwrap(), None);
+        println!("child restored {path}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("arena");
+    {
+        let heap = Heap::new(Arena::create_file(&path, &cfg()).unwrap()).unwrap();
+        write_state(&heap);
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "handover::round_trip_across_processes",
+            "--nocapture",
+        ])
+        .env(ROLE, "child")
+        .env(PATH, &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child restored"),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The child recorded the restore in the superblock.
+    assert!(Arena::open_readonly(&path).unwrap().image_restored());
+}
+
+/// The same through a memfd inherited across exec.
+#[test]
+fn round_trip_through_inherited_memfd() {
+    if std::env::var(ROLE).as_deref() == Ok("memfd-child") {
+        let fd = std::env::var(PATH).unwrap();
+        check_restored(Arena::open(format!("/proc/self/fd/{fd}")).unwrap(), None);
+        println!("child restored memfd {fd}");
+        return;
+    }
+    let arena = Arena::create_memfd("kho-test", &cfg()).unwrap();
+    let fd = arena.inheritable_fd().unwrap();
+    let heap = Heap::new(arena).unwrap();
+    write_state(&heap);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "handover::round_trip_through_inherited_memfd",
+            "--nocapture",
+        ])
+        .env(ROLE, "memfd-child")
+        .env(PATH, fd.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child restored memfd"),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// After freeze every free slot and tail of every preserved slab page
+/// reads zero, and live objects are intact.
+#[test]
+fn freeze_scrubs_free_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("arena");
+    let heap = Heap::new(Arena::create_file(&path, &cfg()).unwrap()).unwrap();
+    // 96-byte objects leave a 64-byte tail in each page.
+    let c = heap.cache("odd", 96, 32).unwrap();
+    let mut objs = Vec::new();
+    for i in 0..500u64 {
+        let mut o = c.alloc(GfpFlags::NONE).unwrap();
+        heap.bytes_mut(&mut o).unwrap().fill(0xaa);
+        if i % 2 == 0 {
+            objs.push(o);
+        } else {
+            c.free(o).unwrap();
+        }
+    }
+    // Generic preservable allocations are recorded too.
+    let mut p = heap.alloc(40, GfpFlags::PRESERVE).unwrap();
+    heap.bytes_mut(&mut p).unwrap().fill(0xbb);
+    heap.freeze_and_commit(None).unwrap();
+    drop(c);
+    drop(heap);
+
+    let arena = Arena::open_readonly(&path).unwrap();
+    let image = Image::parse(arena.image_bytes().unwrap()).unwrap();
+    let mut pages = 0;
+    let mut live = 0;
+    for page in image.slab_pages() {
+        pages += 1;
+        let folio = arena
+            .bytes(PhysRange::new(
+                page.pfn().addr().unwrap(),
+                page.order().bytes(),
+            ))
+            .unwrap();
+        let size = page.object_size() as usize;
+        for i in 0..page.object_count() {
+            let slot = &folio[i as usize * size..(i as usize + 1) * size];
+            if page.is_allocated(i) {
+                live += 1;
+                // A 96-byte object, or a 40-byte one whose slack is zero.
+                let whole = slot.iter().all(|&b| b == 0xaa);
+                let (head, slack) = slot.split_at(40.min(slot.len()));
+                let small = head.iter().all(|&b| b == 0xbb) && slack.iter().all(|&b| b == 0);
+                assert!(whole || small, "live slot {i} of {:?}", page.pfn());
+            } else {
+                assert!(
+                    slot.iter().all(|&b| b == 0),
+                    "stale slot {i} of {:?}",
+                    page.pfn()
+                );
+            }
+        }
+        let tail = &folio[page.object_count() as usize * size..];
+        assert!(
+            tail.iter().all(|&b| b == 0),
+            "stale tail of {:?}",
+            page.pfn()
+        );
+        assert_eq!(
+            image.is_preserved(page.pfn()).map(|p| p.1),
+            Some(page.order())
+        );
+    }
+    assert_eq!(live, 251);
+    assert!(pages >= 2);
+    let names: Vec<&str> = image.slab_caches().map(|c| c.name()).collect();
+    assert!(names.contains(&"odd") && names.contains(&"kmalloc-p-64"));
+    objs.into_iter().for_each(|o| {
+        o.leak();
+    });
+    p.leak();
+}
+
+#[test]
+fn refusals_are_typed() {
+    let heap = Heap::new(Arena::heap(&cfg()).unwrap()).unwrap();
+    let l = *heap.layout();
+    for (range, region) in [
+        (l.scratch, "scratch"),
+        (l.kfence, "kfence"),
+        (l.superblock, "superblock"),
+    ] {
+        let r = PhysRange::new(range.start.addr().unwrap(), PAGE_SIZE);
+        match heap.preserve_range(r) {
+            Err(Error::PreserveRefused { region: got, .. }) => assert_eq!(got, region),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            heap.preserve_folio(kho_core::Folio {
+                pfn: range.start,
+                order: Order::ZERO
+            }),
+            Err(Error::PreserveRefused { .. })
+        ));
+    }
+    // A range straddling general memory and past the end.
+    let end = PhysRange::new(PhysAddr(heap.size() - PAGE_SIZE), 2 * PAGE_SIZE);
+    assert!(heap.preserve_range(end).is_err());
+    // Preserving twice is a map error.
+    let p = heap.alloc_pages(Order::ZERO, GfpFlags::NONE).unwrap();
+    heap.preserve_pages(&p).unwrap();
+    assert!(matches!(heap.preserve_pages(&p), Err(Error::Map(_))));
+    assert!(heap.is_preserved(p.folio().pfn));
+    assert!(!heap.is_preserved(l.kfence.start));
+    assert!(heap.is_preserved(l.preservable.start));
+    heap.free_pages(p).unwrap();
+    assert_eq!(heap.stats().preserved_folios, 0);
+
+    // No image yet.
+    let arena = heap.into_arena().unwrap();
+    assert!(matches!(Heap::restore(arena), Err(Error::NoImage)));
+}
+
+#[test]
+fn geometry_mismatch_is_refused() {
+    let mut arena = Arena::heap(&cfg()).unwrap();
+    let bytes = ImageBuilder::new(64 << 20).build().unwrap();
+    let at = arena.layout().general.start.addr().unwrap();
+    arena.write(at, &bytes).unwrap();
+    arena
+        .commit_image(kho_alloc::ImageLocation {
+            offset: at.0,
+            len: bytes.len() as u64,
+            crc: crc32fast::hash(&bytes),
+        })
+        .unwrap();
+    match Heap::restore(arena) {
+        Err(Error::GeometryMismatch {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (32 << 20, 64 << 20)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_image_is_refused() {
+    let heap = Heap::new(Arena::heap(&cfg()).unwrap()).unwrap();
+    let frozen = heap.freeze(None).unwrap();
+    let loc = frozen.location();
+    heap.commit(frozen).unwrap();
+    let mut arena = heap.into_arena().unwrap();
+    arena.write(PhysAddr(loc.offset + 8), &[0xff]).unwrap();
+    assert!(matches!(
+        Heap::restore(arena),
+        Err(Error::Inconsistent {
+            what: "image crc32",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn discard_and_recommit_free_image_pages() {
+    let heap = Heap::new(Arena::heap(&cfg()).unwrap()).unwrap();
+    let before = heap.stats().general.free_pages;
+    let f = heap.freeze(None).unwrap();
+    heap.discard(f).unwrap();
+    assert_eq!(heap.stats().general.free_pages, before);
+    heap.freeze_and_commit(None).unwrap();
+    let one = heap.stats().general.free_pages;
+    let (g, _) = heap.freeze_and_commit(None).unwrap();
+    assert_eq!(g, 3);
+    // The previous image folio was freed when the new one was published.
+    assert_eq!(heap.stats().general.free_pages, one);
+    let other = Heap::new(Arena::heap(&cfg()).unwrap()).unwrap();
+    let f = other.freeze(None).unwrap();
+    assert!(matches!(heap.commit(f), Err(Error::WrongHeap { .. })));
+    let _ = Pfn(0);
+}

@@ -1,0 +1,5 @@
+//! Integration tests of kho-alloc: one binary, one module per topic.
+
+mod common;
+mod handover;
+mod heap_props;
