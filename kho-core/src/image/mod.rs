@@ -54,14 +54,16 @@ mod parse;
 mod restore;
 #[doc(hidden)]
 pub mod testing;
+mod walk;
 
 pub use build::ImageBuilder;
 pub use error::{BuildError, ParseError, RestoreError};
 pub use parse::{
-    ExtentIter, Image, ImageBlocks, ImageFolios, ImageHeader, ImageRanges, RangeIter, SectionInfo,
-    SectionIter, SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView,
+    ExtentIter, Image, ImageBlocks, ImageHeader, RangeIter, SectionInfo, SectionIter,
+    SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView,
 };
 pub use restore::{RestoreAll, Restorer};
+pub use walk::{ImageFolios, ImageRanges};
 
 /// Result alias for parsing.
 pub type ParseResult<T> = Result<T, ParseError>;

@@ -14,7 +14,9 @@ use super::{Extent, ParseError, ParseResult, SectionKind};
 use crate::addr::{
     Order, Pfn, PhysAddr, PhysRange, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE,
 };
-use crate::memmap::{BlockBits, Folios, Ranges, BLOCK_BITS, BLOCK_WORDS};
+use crate::memmap::{BlockBits, Ranges, BLOCK_BITS, BLOCK_WORDS};
+
+use super::walk::{Coalesced, ImageFolios, ImageRanges, OrderRuns, RunMerge};
 use crate::tree::{Tree, TreeLimits};
 
 /// The header fields of a validated image.
@@ -196,142 +198,6 @@ fn first_set_in(words: &[U64; BLOCK_WORDS], lo: u64, hi: u64) -> Option<u64> {
         i += avail;
     }
     None
-}
-
-/// A maximal run of set bits inside one block, in pages.
-#[derive(Clone, Copy)]
-struct Piece {
-    start: u64,
-    end: u64,
-    block: usize,
-}
-
-/// The set bits of one order's blocks as page runs, in address order. Runs
-/// end at block boundaries; callers coalesce where they need to.
-struct OrderRuns<'a> {
-    blocks: &'a [RawBlock],
-    first_block: usize,
-    order: u8,
-    bi: usize,
-    wi: usize,
-    word: u64,
-}
-
-impl<'a> OrderRuns<'a> {
-    fn new(blocks: &'a [RawBlock], first_block: usize, order: u8) -> Self {
-        let word = blocks.first().map_or(0, |b| b.bits[0].get());
-        OrderRuns {
-            blocks,
-            first_block,
-            order,
-            bi: 0,
-            wi: 0,
-            word,
-        }
-    }
-
-    #[inline]
-    fn next_piece(&mut self) -> Option<Piece> {
-        loop {
-            if self.word != 0 {
-                let s = self.word.trailing_zeros();
-                let n = (!(self.word >> s)).trailing_zeros();
-                self.word = if s + n >= 64 {
-                    0
-                } else {
-                    self.word & !(((1u64 << n) - 1) << s)
-                };
-                let base = self.blocks.get(self.bi)?.base_pfn.get();
-                let idx = self.wi as u64 * 64 + u64::from(s);
-                let start = base + (idx << self.order);
-                return Some(Piece {
-                    start,
-                    end: start + (u64::from(n) << self.order),
-                    block: self.first_block + self.bi,
-                });
-            }
-            self.wi += 1;
-            if self.wi >= BLOCK_WORDS {
-                self.wi = 0;
-                self.bi += 1;
-            }
-            self.word = self.blocks.get(self.bi)?.bits[self.wi].get();
-        }
-    }
-}
-
-/// Runs of every order merged by start address. On a validated image the
-/// runs are disjoint.
-struct RunMerge<'a> {
-    heads: Vec<(OrderRuns<'a>, Piece)>,
-}
-
-impl<'a> RunMerge<'a> {
-    fn new(image_blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
-        let mut heads = Vec::with_capacity(NR_ORDERS);
-        for (order, &(lo, hi)) in spans.iter().enumerate() {
-            if lo < hi {
-                let mut runs = OrderRuns::new(&image_blocks[lo..hi], lo, order as u8);
-                if let Some(p) = runs.next_piece() {
-                    heads.push((runs, p));
-                }
-            }
-        }
-        RunMerge { heads }
-    }
-
-    /// The next run and its order.
-    #[inline]
-    fn next_piece(&mut self) -> Option<(Piece, u8)> {
-        let mut best = 0;
-        match self.heads.len() {
-            0 => return None,
-            1 => {}
-            _ => {
-                let mut best_start = u64::MAX;
-                for (i, (_, p)) in self.heads.iter().enumerate() {
-                    if p.start < best_start {
-                        best_start = p.start;
-                        best = i;
-                    }
-                }
-            }
-        }
-        let (runs, piece) = self.heads.get_mut(best)?;
-        let out = (*piece, runs.order);
-        match runs.next_piece() {
-            Some(p) => *piece = p,
-            None => {
-                self.heads.swap_remove(best);
-            }
-        }
-        Some(out)
-    }
-}
-
-/// Coalesced preserved runs `[start, end)` in pages, address order.
-struct Coalesced<'a> {
-    merge: RunMerge<'a>,
-    pending: Option<(u64, u64)>,
-}
-
-impl Iterator for Coalesced<'_> {
-    type Item = (u64, u64);
-
-    fn next(&mut self) -> Option<(u64, u64)> {
-        while let Some((p, _)) = self.merge.next_piece() {
-            match &mut self.pending {
-                Some(r) if r.1 == p.start => r.1 = p.end,
-                Some(r) => {
-                    let done = *r;
-                    *r = (p.start, p.end);
-                    return Some(done);
-                }
-                None => self.pending = Some((p.start, p.end)),
-            }
-        }
-        self.pending.take()
-    }
 }
 
 impl<'a> Image<'a> {
@@ -576,8 +442,10 @@ impl<'a> Image<'a> {
                 }
             }
             prev = Some((order, base));
-            let any = b.bits.iter().fold(0u64, |a, w| a | w.get());
-            if any == 0 {
+            // Stops at the first non-zero word: O(1) for any populated
+            // block, so validation does not read the bits a second time
+            // after the section CRC did.
+            if b.bits.iter().all(|w| w.get() == 0) {
                 return Err(ParseError::EmptyBlock {
                     offset,
                     order,
@@ -1036,10 +904,7 @@ impl<'a> Image<'a> {
     }
 
     fn coalesced(&self) -> Coalesced<'a> {
-        Coalesced {
-            merge: RunMerge::new(self.blocks, &self.spans),
-            pending: None,
-        }
+        Coalesced::new(self.blocks, &self.spans)
     }
 
     /// The validated header.
@@ -1104,21 +969,6 @@ impl<'a> Image<'a> {
         None
     }
 
-    /// Index of the first block of `order` in the MEMMAP section.
-    pub(crate) fn first_block_of(&self, order: Order) -> usize {
-        self.spans[order.index()].0
-    }
-
-    /// Index of the block of `order` based at `base`.
-    pub(crate) fn block_index(&self, order: Order, base: u64) -> Option<usize> {
-        let (lo, hi) = self.spans[order.index()];
-        let blocks = self.blocks.get(lo..hi)?;
-        blocks
-            .binary_search_by_key(&base, |b| b.base_pfn.get())
-            .ok()
-            .map(|i| lo + i)
-    }
-
     /// Number of MEMMAP blocks.
     pub fn block_count(&self) -> usize {
         self.blocks.len()
@@ -1148,7 +998,11 @@ impl<'a> Image<'a> {
 
     /// Every preserved folio in address order.
     pub fn folios(&self) -> ImageFolios<'a> {
-        Folios::new(Order::all().map(|o| self.blocks_of(o)))
+        ImageFolios::new(self.blocks, &self.spans)
+    }
+
+    pub(crate) fn folio_merge(&self) -> super::walk::FolioMerge<'a> {
+        super::walk::FolioMerge::new(self.blocks, &self.spans)
     }
 
     /// Preserved memory as maximal runs of pages, in address order.
@@ -1453,11 +1307,6 @@ impl Iterator for ImageBlocks<'_> {
         self.iter.size_hint()
     }
 }
-
-/// Preserved folios of an image in address order; see [`Image::folios`].
-pub type ImageFolios<'a> = Folios<ImageBlocks<'a>>;
-/// Coalesced preserved runs of an image; see [`Image::ranges`].
-pub type ImageRanges<'a> = Ranges<ImageFolios<'a>>;
 
 /// SCRATCH or KFENCE ranges; see [`Image::scratch`].
 #[derive(Debug, Clone)]

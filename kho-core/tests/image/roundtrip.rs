@@ -1,6 +1,12 @@
 //! Property tests: maps survive the image, mutations and probes.
 
-use kho_core::{Image, ImageBuilder, Order, ParseError, Pfn, PhysAddr, PreservedMap, SectionKind};
+use std::collections::BTreeMap;
+
+use kho_core::image::testing::RawImage;
+use kho_core::{
+    BuildError, Extent, Image, ImageBuilder, Order, ParseError, Pfn, PhysAddr, PhysRange,
+    PreservedMap, SectionKind,
+};
 use proptest::prelude::*;
 
 use super::{o, sample_image};
@@ -43,7 +49,11 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
-    fn maps_round_trip(reqs in arb_reqs(), probes in prop::collection::vec(0..LIMIT + 4096, 128)) {
+    fn maps_round_trip(
+        reqs in arb_reqs(),
+        probes in prop::collection::vec(0..LIMIT + 4096, 128),
+        extend_pick in any::<prop::sample::Index>(),
+    ) {
         let map = build_map(&reqs);
         let bytes = ImageBuilder::new(LIMIT << 12).memmap(&map).build().unwrap();
         let img = Image::parse(&bytes).unwrap();
@@ -59,6 +69,25 @@ proptest! {
             prop_assert_eq!(img.is_preserved(Pfn(p)), map.is_preserved(Pfn(p)), "probe {:#x}", p);
         }
         prop_assert_eq!(&img.to_map(), &map);
+
+        // Extents: every coalesced range is accepted whole; one byte past
+        // any range end is refused.
+        let whole: Vec<_> = map
+            .ranges()
+            .map(|r| Extent { range: PhysRange::new(PhysAddr(r.start.0 << 12), r.bytes()), tag: 1 })
+            .collect();
+        let with = ImageBuilder::new(LIMIT << 12).memmap(&map).extents(whole.clone()).build();
+        prop_assert!(with.is_ok(), "{:?}", with.err());
+        if let Some(pick) = whole.get(extend_pick.index(whole.len().max(1))) {
+            let mut bad = whole.clone();
+            let i = bad.iter().position(|e| e == pick).unwrap();
+            bad[i].range.len += 1;
+            let err = ImageBuilder::new(LIMIT << 12).memmap(&map).extents(bad).build().unwrap_err();
+            prop_assert!(
+                matches!(err, BuildError::Invalid(ParseError::ExtentNotPreserved { found, .. }) if found == pick.range.start + pick.range.len),
+                "{}", err
+            );
+        }
         prop_assert_eq!(bytes.len() as u64, 72 + 32 + map.block_count() as u64 * 528);
     }
 
@@ -92,6 +121,60 @@ proptest! {
                 ),
                 None => prop_assert_eq!(kind, "padding"),
             },
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Raw blocks of several orders, overlapping or not: the parser's
+    /// verdict matches a brute-force pairwise check.
+    #[test]
+    fn overlap_detection_matches_brute_force(
+        sets in prop::collection::vec(
+            (
+                prop::sample::select(vec![0u8, 1, 3, 9]),
+                0u64..2,
+                prop::collection::vec(prop_oneof![0usize..64, 0usize..4096], 1..40),
+            ),
+            1..6,
+        )
+    ) {
+        let mut blocks: BTreeMap<(u8, u64), [u64; 64]> = BTreeMap::new();
+        for (order, bi, bits) in sets {
+            let words = blocks.entry((order, bi * (4096u64 << order))).or_insert([0; 64]);
+            for b in bits {
+                words[b / 64] |= 1 << (b % 64);
+            }
+        }
+        let mut folios: Vec<(u64, u64, u8)> = Vec::new();
+        let mut payload = Vec::new();
+        for (&(order, base), words) in &blocks {
+            payload.extend(RawImage::block(base, order, words));
+            for i in 0..4096u64 {
+                if words[(i / 64) as usize] >> (i % 64) & 1 != 0 {
+                    let pfn = base + (i << order);
+                    folios.push((pfn, pfn + (1 << order), order));
+                }
+            }
+        }
+        folios.sort();
+        let overlap = folios.windows(2).any(|w| w[1].0 < w[0].1)
+            || folios.iter().enumerate().any(|(i, a)| folios[..i].iter().any(|b| a.0 < b.1));
+        let mut raw = RawImage::new(2 * (4096u64 << 9) << 12);
+        raw.set_payload(SectionKind::Memmap, payload);
+        let bytes = raw.to_bytes();
+        match Image::parse(&bytes) {
+            Ok(img) => {
+                prop_assert!(!overlap, "overlap missed");
+                let got: Vec<_> = img.folios().map(|f| (f.pfn.0, f.end_pfn().0, f.order.get())).collect();
+                prop_assert_eq!(got, folios);
+            }
+            Err(e) => {
+                prop_assert!(overlap, "false overlap: {}", e);
+                prop_assert_eq!(e.kind(), "folio-overlap");
+            }
         }
     }
 }

@@ -1,0 +1,178 @@
+//! Handover image throughput on three maps:
+//!
+//! - `dense0`: 48 GiB preserved as order-0 folios (12.6 M folios);
+//! - `mixed`: 48 GiB interleaved as 1 GiB runs of orders 18, 9 and 0;
+//! - `sparse`: 1,000,000 isolated order-0 folios scattered over 1 TiB.
+//!
+//! For each: building the map, serializing, parsing with full validation
+//! (CRCs included) against a `memcpy` and a bare CRC32 of the same bytes in
+//! the same run, walking every folio and every range, and bulk restore. The
+//! image-size figures are printed on stderr.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use kho_core::{Image, ImageBuilder, Order, Pfn, PreservedMap, Restorer};
+
+const GIB_PAGES: u64 = 1 << 18;
+
+fn dense0() -> (u64, PreservedMap) {
+    let arena = 64 << 30;
+    let mut map = PreservedMap::new(Pfn(arena >> 12));
+    map.preserve_folios(Pfn(0), Order::ZERO, 48 * GIB_PAGES)
+        .unwrap();
+    (arena, map)
+}
+
+fn mixed() -> (u64, PreservedMap) {
+    let arena = 64 << 30;
+    let mut map = PreservedMap::new(Pfn(arena >> 12));
+    for chunk in 0..16u64 {
+        let base = chunk * 3 * GIB_PAGES;
+        for (k, order) in [18u8, 9, 0].into_iter().enumerate() {
+            let order = Order::new(order).unwrap();
+            let start = Pfn(base + k as u64 * GIB_PAGES);
+            map.preserve_folios(start, order, GIB_PAGES >> order.get())
+                .unwrap();
+        }
+    }
+    (arena, map)
+}
+
+/// PFNs of the sparse map: one per 268-page slot, jittered by a fixed LCG
+/// inside the slot so no two are adjacent.
+fn sparse_pfns() -> impl Iterator<Item = Pfn> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..1_000_000u64).map(move |i| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Pfn(i * 268 + (x >> 33) % 200)
+    })
+}
+
+fn sparse() -> (u64, PreservedMap) {
+    let arena = 1 << 40;
+    let mut map = PreservedMap::new(Pfn(arena >> 12));
+    for pfn in sparse_pfns() {
+        map.preserve(pfn, Order::ZERO).unwrap();
+    }
+    (arena, map)
+}
+
+fn config(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+}
+
+fn report(name: &str, map: &PreservedMap, bytes: &[u8]) {
+    let gib = map.total_bytes() as f64 / (1u64 << 30) as f64;
+    eprintln!(
+        "[image-size] {name}: {} folios, {:.3} GiB preserved, image {} bytes = {:.1} bytes/GiB preserved, {:.2} bytes/folio",
+        map.folio_count(),
+        gib,
+        bytes.len(),
+        bytes.len() as f64 / gib,
+        bytes.len() as f64 / map.folio_count() as f64,
+    );
+}
+
+fn scenario(c: &mut Criterion, name: &str, make: fn() -> (u64, PreservedMap)) {
+    let (arena, map) = make();
+    let bytes = ImageBuilder::new(arena).memmap(&map).build().unwrap();
+    report(name, &map, &bytes);
+    let folios = map.folio_count();
+    let ranges = map.ranges().count() as u64;
+
+    let mut g = c.benchmark_group(format!("image/{name}"));
+    config(&mut g);
+
+    g.throughput(Throughput::Elements(folios));
+    g.bench_function("build_map_bulk", |b| {
+        b.iter(|| black_box(make()).1.folio_count())
+    });
+
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("serialize", |b| {
+        let mut out = Vec::with_capacity(bytes.len());
+        b.iter(|| {
+            ImageBuilder::new(arena)
+                .memmap(black_box(&map))
+                .build_into(&mut out)
+                .unwrap();
+            out.len()
+        })
+    });
+    g.bench_function("memcpy_baseline", |b| {
+        let mut dst = vec![0u8; bytes.len()];
+        b.iter(|| {
+            dst.copy_from_slice(black_box(&bytes));
+            black_box(&dst);
+        })
+    });
+    g.bench_function("crc32_baseline", |b| {
+        b.iter(|| crc32fast::hash(black_box(&bytes)))
+    });
+    g.bench_function("parse_validate", |b| {
+        b.iter(|| Image::parse(black_box(&bytes)).unwrap().block_count())
+    });
+
+    let img = Image::parse(&bytes).unwrap();
+    g.throughput(Throughput::Elements(folios));
+    g.bench_function("walk_folios", |b| b.iter(|| img.folios().count()));
+    g.bench_function("restore_all", |b| {
+        b.iter(|| {
+            let mut r = Restorer::new(&img);
+            r.restore_all().count()
+        })
+    });
+    g.throughput(Throughput::Elements(ranges));
+    g.bench_function("walk_ranges", |b| b.iter(|| img.ranges().count()));
+    g.throughput(Throughput::Elements(1024));
+    g.bench_function("is_preserved_x1024", |b| {
+        let limit = arena >> 12;
+        b.iter(|| {
+            (0..1024u64)
+                .filter(|i| {
+                    img.is_preserved(Pfn(i.wrapping_mul(0x9e37_79b9) % limit))
+                        .is_some()
+                })
+                .count()
+        })
+    });
+    g.finish();
+}
+
+fn per_folio(c: &mut Criterion) {
+    // One folio per call: 1 GiB of order-0 folios, and the sparse set.
+    let mut g = c.benchmark_group("image/per_folio");
+    config(&mut g);
+    g.throughput(Throughput::Elements(GIB_PAGES));
+    g.bench_function("preserve_1GiB_order0", |b| {
+        b.iter(|| {
+            let mut map = PreservedMap::new(Pfn(4 * GIB_PAGES));
+            for p in 0..GIB_PAGES {
+                map.preserve(Pfn(p), Order::ZERO).unwrap();
+            }
+            map.folio_count()
+        })
+    });
+    g.throughput(Throughput::Elements(1_000_000));
+    g.bench_function("preserve_sparse_1M", |b| {
+        b.iter(|| sparse().1.folio_count())
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    scenario(c, "dense0", dense0);
+    scenario(c, "mixed", mixed);
+    scenario(c, "sparse", sparse);
+    per_folio(c);
+}
+
+criterion_group!(image, benches);
+criterion_main!(image);

@@ -1,0 +1,364 @@
+//! Walking the MEMMAP blocks of a parsed image in place: folios in address
+//! order, and runs of set bits for validation.
+//!
+//! These read the little-endian words straight from the image bytes instead
+//! of copying each 512-byte block into a [`BlockBits`](crate::BlockBits)
+//! first, and merge orders in batches: while one order's next folio lies
+//! below every other order's, it is yielded without comparing again.
+
+use core::fmt;
+
+use super::layout::RawBlock;
+use crate::addr::{Order, Pfn, NR_ORDERS};
+use crate::memmap::{Folio, Ranges, BLOCK_WORDS};
+
+/// A folio and where its bit lives: global block index and bit index.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Located {
+    pub folio: Folio,
+    pub block: usize,
+    pub bit: u64,
+}
+
+/// One order's folios, lowest first.
+#[derive(Clone)]
+struct OrderFolios<'a> {
+    blocks: &'a [RawBlock],
+    first_block: usize,
+    order: Order,
+    bi: usize,
+    wi: usize,
+    word: u64,
+    /// PFN described by bit 0 of `word`.
+    wbase: u64,
+}
+
+impl<'a> OrderFolios<'a> {
+    fn new(blocks: &'a [RawBlock], first_block: usize, order: Order) -> Self {
+        let (word, wbase) = blocks
+            .first()
+            .map_or((0, 0), |b| (b.bits[0].get(), b.base_pfn.get()));
+        OrderFolios {
+            blocks,
+            first_block,
+            order,
+            bi: 0,
+            wi: 0,
+            word,
+            wbase,
+        }
+    }
+
+    #[inline]
+    fn next(&mut self) -> Option<Located> {
+        while self.word == 0 {
+            self.wi += 1;
+            if self.wi == BLOCK_WORDS {
+                self.wi = 0;
+                self.bi += 1;
+            }
+            let b = self.blocks.get(self.bi)?;
+            self.word = b.bits[self.wi].get();
+            self.wbase = b.base_pfn.get() + ((self.wi as u64 * 64) << self.order.get());
+        }
+        let bit = u64::from(self.word.trailing_zeros());
+        self.word &= self.word - 1;
+        Some(Located {
+            folio: Folio {
+                pfn: Pfn(self.wbase + (bit << self.order.get())),
+                order: self.order,
+            },
+            block: self.first_block + self.bi,
+            bit: self.wi as u64 * 64 + bit,
+        })
+    }
+}
+
+/// Folios of every order merged into address order.
+#[derive(Clone)]
+pub(crate) struct FolioMerge<'a> {
+    /// The only order present, if there is at most one.
+    single: Option<OrderFolios<'a>>,
+    /// With several orders: each cursor and its next folio.
+    heads: Vec<(OrderFolios<'a>, Located)>,
+    /// The head with the lowest PFN ...
+    cur: usize,
+    /// ... and the lowest PFN among the other heads.
+    limit: u64,
+}
+
+impl<'a> FolioMerge<'a> {
+    pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
+        let mut cursors = Order::all().filter_map(|o| {
+            let (lo, hi) = spans[o.index()];
+            let b = blocks.get(lo..hi).filter(|b| !b.is_empty())?;
+            Some(OrderFolios::new(b, lo, o))
+        });
+        let orders = spans.iter().filter(|(lo, hi)| lo < hi).count();
+        if orders <= 1 {
+            return FolioMerge {
+                single: cursors.next(),
+                heads: Vec::new(),
+                cur: 0,
+                limit: 0,
+            };
+        }
+        let mut heads = Vec::with_capacity(orders);
+        for mut c in cursors {
+            if let Some(h) = c.next() {
+                heads.push((c, h));
+            }
+        }
+        let mut merge = FolioMerge {
+            single: None,
+            heads,
+            cur: 0,
+            limit: 0,
+        };
+        merge.reselect();
+        merge
+    }
+
+    fn reselect(&mut self) {
+        let (mut best, mut best_pfn, mut second) = (0, u64::MAX, u64::MAX);
+        for (i, (_, h)) in self.heads.iter().enumerate() {
+            let p = h.folio.pfn.0;
+            if p < best_pfn {
+                second = best_pfn;
+                best_pfn = p;
+                best = i;
+            } else if p < second {
+                second = p;
+            }
+        }
+        self.cur = best;
+        self.limit = second;
+    }
+
+    #[inline]
+    pub(crate) fn next_located(&mut self) -> Option<Located> {
+        if let Some(s) = &mut self.single {
+            return s.next();
+        }
+        loop {
+            let (c, h) = self.heads.get_mut(self.cur)?;
+            if h.folio.pfn.0 <= self.limit {
+                let out = *h;
+                match c.next() {
+                    Some(n) => *h = n,
+                    None => {
+                        self.heads.swap_remove(self.cur);
+                        self.reselect();
+                    }
+                }
+                return Some(out);
+            }
+            self.reselect();
+        }
+    }
+}
+
+/// Preserved folios of an image in address order; see
+/// [`Image::folios`](super::Image::folios).
+#[derive(Clone)]
+pub struct ImageFolios<'a> {
+    merge: FolioMerge<'a>,
+}
+
+impl<'a> ImageFolios<'a> {
+    pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
+        ImageFolios {
+            merge: FolioMerge::new(blocks, spans),
+        }
+    }
+}
+
+impl fmt::Debug for ImageFolios<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageFolios")
+            .field(
+                "orders",
+                &self
+                    .merge
+                    .heads
+                    .len()
+                    .max(usize::from(self.merge.single.is_some())),
+            )
+            .finish()
+    }
+}
+
+impl Iterator for ImageFolios<'_> {
+    type Item = Folio;
+
+    #[inline]
+    fn next(&mut self) -> Option<Folio> {
+        self.merge.next_located().map(|l| l.folio)
+    }
+}
+
+/// Coalesced preserved runs of an image; see
+/// [`Image::ranges`](super::Image::ranges).
+pub type ImageRanges<'a> = Ranges<ImageFolios<'a>>;
+
+/// A maximal run of set bits inside one block, in pages.
+#[derive(Clone, Copy)]
+pub(crate) struct Piece {
+    pub start: u64,
+    pub end: u64,
+    pub block: usize,
+}
+
+/// The set bits of one order's blocks as page runs, in address order. A run
+/// spans words but ends at its block's boundary; callers coalesce where they
+/// need to.
+pub(crate) struct OrderRuns<'a> {
+    blocks: &'a [RawBlock],
+    first_block: usize,
+    order: u8,
+    bi: usize,
+    wi: usize,
+    word: u64,
+}
+
+impl<'a> OrderRuns<'a> {
+    pub(crate) fn new(blocks: &'a [RawBlock], first_block: usize, order: u8) -> Self {
+        let word = blocks.first().map_or(0, |b| b.bits[0].get());
+        OrderRuns {
+            blocks,
+            first_block,
+            order,
+            bi: 0,
+            wi: 0,
+            word,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn next_piece(&mut self) -> Option<Piece> {
+        loop {
+            if self.word != 0 {
+                let block = self.blocks.get(self.bi)?;
+                let s = self.word.trailing_zeros();
+                let n = (!(self.word >> s)).trailing_zeros();
+                let start_idx = self.wi as u64 * 64 + u64::from(s);
+                let mut end_idx = start_idx + u64::from(n);
+                if s + n >= 64 {
+                    // The run reaches the word's top bit: follow it into
+                    // the next words of the block.
+                    self.word = 0;
+                    while self.wi + 1 < BLOCK_WORDS {
+                        let next = block.bits[self.wi + 1].get();
+                        let ones = next.trailing_ones();
+                        if ones == 0 {
+                            break;
+                        }
+                        self.wi += 1;
+                        end_idx += u64::from(ones);
+                        if ones < 64 {
+                            self.word = next & !((1u64 << ones) - 1);
+                            break;
+                        }
+                    }
+                } else {
+                    self.word &= !(((1u64 << n) - 1) << s);
+                }
+                let base = block.base_pfn.get();
+                return Some(Piece {
+                    start: base + (start_idx << self.order),
+                    end: base + (end_idx << self.order),
+                    block: self.first_block + self.bi,
+                });
+            }
+            self.wi += 1;
+            if self.wi >= BLOCK_WORDS {
+                self.wi = 0;
+                self.bi += 1;
+            }
+            self.word = self.blocks.get(self.bi)?.bits[self.wi].get();
+        }
+    }
+
+    pub(crate) fn order(&self) -> u8 {
+        self.order
+    }
+}
+
+/// Runs of every order merged by start address. On a validated image the
+/// runs are disjoint.
+pub(crate) struct RunMerge<'a> {
+    heads: Vec<(OrderRuns<'a>, Piece)>,
+}
+
+impl<'a> RunMerge<'a> {
+    pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
+        let mut heads = Vec::with_capacity(NR_ORDERS);
+        for (order, &(lo, hi)) in spans.iter().enumerate() {
+            if let Some(b) = blocks.get(lo..hi).filter(|b| !b.is_empty()) {
+                let mut runs = OrderRuns::new(b, lo, order as u8);
+                if let Some(p) = runs.next_piece() {
+                    heads.push((runs, p));
+                }
+            }
+        }
+        RunMerge { heads }
+    }
+
+    /// The next run and its order.
+    #[inline]
+    pub(crate) fn next_piece(&mut self) -> Option<(Piece, u8)> {
+        let mut best = 0;
+        if self.heads.len() > 1 {
+            let mut best_start = u64::MAX;
+            for (i, (_, p)) in self.heads.iter().enumerate() {
+                if p.start < best_start {
+                    best_start = p.start;
+                    best = i;
+                }
+            }
+        }
+        let (runs, piece) = self.heads.get_mut(best)?;
+        let out = (*piece, runs.order());
+        match runs.next_piece() {
+            Some(p) => *piece = p,
+            None => {
+                self.heads.swap_remove(best);
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Coalesced preserved runs `[start, end)` in pages, address order.
+pub(crate) struct Coalesced<'a> {
+    merge: RunMerge<'a>,
+    pending: Option<(u64, u64)>,
+}
+
+impl<'a> Coalesced<'a> {
+    pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
+        Coalesced {
+            merge: RunMerge::new(blocks, spans),
+            pending: None,
+        }
+    }
+}
+
+impl Iterator for Coalesced<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        while let Some((p, _)) = self.merge.next_piece() {
+            match &mut self.pending {
+                Some(r) if r.1 == p.start => r.1 = p.end,
+                Some(r) => {
+                    let done = *r;
+                    *r = (p.start, p.end);
+                    return Some(done);
+                }
+                None => self.pending = Some((p.start, p.end)),
+            }
+        }
+        self.pending.take()
+    }
+}
