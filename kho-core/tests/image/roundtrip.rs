@@ -162,7 +162,7 @@ proptest! {
         folios.sort();
         let overlap = folios.windows(2).any(|w| w[1].0 < w[0].1)
             || folios.iter().enumerate().any(|(i, a)| folios[..i].iter().any(|b| a.0 < b.1));
-        let mut raw = RawImage::new(2 * (4096u64 << 9) << 12);
+        let mut raw = RawImage::new((2 * (4096u64 << 9)) << 12);
         raw.set_payload(SectionKind::Memmap, payload);
         let bytes = raw.to_bytes();
         match Image::parse(&bytes) {
