@@ -36,8 +36,9 @@
 //! [`TreeLimits::max_name_len`] bytes of UTF-8 without `/` or NUL, unique
 //! among siblings (node names) or within their node (property names). A
 //! `compatible` string is any UTF-8 of at most `max_name_len` bytes, and
-//! may be empty. The root sits at depth 0 and a child one deeper than its parent;
-//! a tree is accepted when no node is deeper than [`TreeLimits::max_depth`].
+//! may be empty. The root sits at depth 0 and a child one deeper than its
+//! parent; a tree is accepted when no node is deeper than
+//! [`TreeLimits::max_depth`].
 //!
 //! # Wire format (`TREE` section, version 1)
 //!
@@ -57,7 +58,7 @@
 //!
 //! ```text
 //! offset 0   u8       version, = 1 (TREE_VERSION), a plain byte
-//! offset 1   varint   node count N (>= 1; <= max_nodes)
+//! offset 1   varint   node count N (>= 1; <= max_nodes and <= 2^32)
 //! then N nodes, each:
 //!            varint   parent: pre-order index of the parent node; 0 for the
 //!                     root (node 0), which is its own nominal parent
@@ -86,18 +87,40 @@
 //!
 //! # Decoding untrusted bytes
 //!
-//! [`Tree::decode`] checks the total length first, then reads the flat list
-//! with an explicit stack (never recursion), checks each claimed count
-//! against both its cap and the bytes left before reserving anything (a node
-//! takes at least 4 bytes, a property at least 3), checks name and value
-//! sizes while they are still borrowed from the input, and finally checks
-//! names, uniqueness and canonical form. Every rejection is its own
-//! [`TreeError`] variant. [`Tree::encode`] applies the same checks, so it never
-//! produces bytes that `decode` with the same limits would reject.
+//! [`Tree::decode`] reads the flat list with an explicit stack (never
+//! recursion), checks each claimed count against both its cap and the bytes
+//! left before reserving anything (a node takes at least 4 bytes, a property
+//! at least 3), and checks name and value sizes while they are still
+//! borrowed from the input. In order, the first failing check wins:
 //!
-//! Dropping a [`Node`] is iterative too. The derived `Clone`, `PartialEq`,
-//! `Debug` and `Serialize` implementations recurse once per level, which a
-//! decoded tree bounds by [`TreeLimits::max_depth`].
+//! 1. input length `<= max_encoded_bytes`, else [`TreeError::TooLarge`];
+//! 2. the version byte is present ([`TreeError::Decode`] at offset 0) and
+//!    equals [`TREE_VERSION`] ([`TreeError::UnsupportedVersion`]);
+//! 3. the node count decodes, is not 0 ([`TreeError::Decode`]), is within
+//!    the cap ([`TreeError::TooManyNodes`]) and fits the remaining bytes
+//!    ([`TreeError::Decode`]);
+//! 4. for each node in order: the parent index ([`TreeError::Decode`],
+//!    [`TreeError::BadParent`]), the name, the depth
+//!    ([`TreeError::TooDeep`]), the name's and compatible's lengths
+//!    ([`TreeError::NameTooLong`]), the property count (cap:
+//!    [`TreeError::TooManyProps`]; remaining bytes: [`TreeError::Decode`]),
+//!    and each property: it decodes, its name length, its value size
+//!    ([`TreeError::ValueTooLarge`]);
+//! 5. no bytes follow the last node ([`TreeError::TrailingBytes`]);
+//! 6. per node in pre-order, the tree rules of [`Tree::encode`]: the root's
+//!    name is empty, other names are valid ([`TreeError::BadName`]), and
+//!    property names, then child names, are unique
+//!    ([`TreeError::DuplicateName`]);
+//! 7. the input is the canonical encoding of the tree it describes
+//!    ([`TreeError::Decode`], "minimal varint encoding").
+//!
+//! [`Tree::encode`] applies the same rules, so it never produces bytes that
+//! `decode` with the same limits would reject.
+//!
+//! Dropping a [`Node`], walking, dumping and encoding are iterative too. The
+//! derived `Clone`, `PartialEq`, `Hash`, `Debug` and `Serialize`
+//! implementations recurse once per level, which a decoded tree bounds by
+//! [`TreeLimits::max_depth`].
 
 use core::fmt;
 use std::collections::HashSet;
