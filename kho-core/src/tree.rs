@@ -81,6 +81,36 @@
 //! lengths, values). Decoding accepts only the minimal encoding, so each tree
 //! has exactly one encoding and `encode(decode(b)) == b` for every accepted `b`.
 //!
+//! For example, a root compatible with `"kho-v1"` and one child `kv`
+//! (`"kv-store-v1"`) holding `n = 300` and `idx = [0x10000, +0x2000)`
+//! encodes to 44 bytes:
+//!
+//! ```
+//! # use kho_core::tree::{Node, Tree};
+//! # use kho_core::{PhysAddr, PhysRange};
+//! let tree = Tree::new(
+//!     Node::root("kho-v1").with_child(
+//!         Node::new("kv", "kv-store-v1")
+//!             .with_u64("n", 300)
+//!             .with_range("idx", PhysRange::new(PhysAddr(0x10000), 0x2000)),
+//!     ),
+//! );
+//! let expected: &[u8] = &[
+//!     0x01, // version
+//!     0x02, // two nodes
+//!     0x00, 0x00, 0x06, b'k', b'h', b'o', b'-', b'v', b'1', 0x00, // root: parent 0,
+//!     //       name "", compatible "kho-v1", no properties
+//!     0x00, 0x02, b'k', b'v', // node 1: parent 0, name "kv"
+//!     0x0b, b'k', b'v', b'-', b's', b't', b'o', b'r', b'e', b'-', b'v', b'1',
+//!     0x02, // two properties
+//!     0x01, b'n', 0x00, 0xac, 0x02, // "n": tag 0 (u64), 300
+//!     0x03, b'i', b'd', b'x', 0x03, 0x80, 0x80, 0x04, 0x80, 0x40, // "idx": tag 3
+//!     //       (range), start 0x10000, len 0x2000
+//! ];
+//! assert_eq!(tree.encode()?, expected);
+//! # Ok::<(), kho_core::tree::TreeError>(())
+//! ```
+//!
 //! Node `i > 0` names as its parent a node on the path from the root to node
 //! `i - 1` (that node itself or one of its ancestors) — exactly the nodes a
 //! pre-order listing can return to. Anything else is [`TreeError::BadParent`].
@@ -1837,6 +1867,15 @@ mod tests {
             ..lim()
         };
         assert!(Tree::decode(&bytes, &exact).is_ok());
+        // The default cap is 16 MiB, checked before anything is read.
+        let huge = vec![0u8; (16 << 20) + 1];
+        assert_eq!(
+            decode(&huge),
+            Err(TreeError::TooLarge {
+                len: (16 << 20) + 1,
+                max: 16 << 20
+            })
+        );
     }
 
     #[test]
