@@ -119,9 +119,10 @@
 //!
 //! [`Tree::decode`] reads the flat list with an explicit stack (never
 //! recursion), checks each claimed count against both its cap and the bytes
-//! left before reserving anything (a node takes at least 4 bytes, a property
-//! at least 3), and checks name and value sizes while they are still
-//! borrowed from the input. In order, the first failing check wins:
+//! left (a node takes at least 4 bytes, a property at least 3), reserves
+//! space for at most 16 properties on a claim's word and grows only with
+//! what it actually reads, and checks name and value sizes while they are
+//! still borrowed from the input, so memory use follows the input length. In order, the first failing check wins:
 //!
 //! 1. input length `<= max_encoded_bytes`, else [`TreeError::TooLarge`];
 //! 2. the version byte is present ([`TreeError::Decode`] at offset 0) and
@@ -170,6 +171,9 @@ const MIN_NODE_BYTES: usize = 4;
 /// Smallest possible encoding of one property: name length, type tag and a
 /// one-byte value (an empty name is rejected later, with a precise error).
 const MIN_PROP_BYTES: usize = 3;
+
+/// Most properties reserved for on the strength of a claimed count alone.
+const PROPS_RESERVED: u64 = 16;
 
 /// Caps applied by [`Tree::decode`] and [`Tree::encode_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1052,8 +1056,9 @@ impl Tree {
                     found: "more properties than the remaining bytes can hold",
                 });
             }
-            // Bounded by both the cap and the input length, checked above.
-            let mut props = Vec::with_capacity(nprops as usize);
+            // A claim buys at most a small reservation; the rest grows
+            // with properties actually read.
+            let mut props = Vec::with_capacity(nprops.min(PROPS_RESERVED) as usize);
             for _ in 0..nprops {
                 let prop: WireProp<'_> = r.take("property")?;
                 if prop.name.len() > limits.max_name_len {
