@@ -676,6 +676,11 @@ impl Pool {
         sink.report(report);
     }
 
+    /// First address and length in bytes of the pool's mapping.
+    pub(crate) fn bounds(&self) -> (usize, usize) {
+        (self.shared.base, self.shared.len)
+    }
+
     /// Whether `ptr` points into the pool (object or guard pages).
     #[inline]
     pub fn owns(&self, ptr: *const u8) -> bool {

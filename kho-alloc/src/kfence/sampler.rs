@@ -35,9 +35,12 @@ impl Default for SampleMode {
     }
 }
 
-const MODE_OFF: u8 = 0;
-const MODE_INTERVAL: u8 = 1;
-const MODE_COUNT: u8 = 2;
+/// Gate states: one byte, so the unsampled path is a single relaxed load and
+/// compare. The timer only ever moves `CLOSED` to `OPEN`.
+const OFF: u8 = 0;
+const CLOSED: u8 = 1;
+const OPEN: u8 = 2;
+const COUNT: u8 = 3;
 
 thread_local! {
     /// Requests left before this thread's next sample; 0 means "draw".
@@ -80,10 +83,11 @@ struct Timer {
 /// sampled and the pool can serve it. The unsampled path costs one relaxed
 /// atomic load (time gate) or one thread-local decrement (count gate).
 pub struct Sampler {
-    pool: Arc<Pool>,
-    mode: AtomicU8,
+    gate: Arc<AtomicU8>,
     rate: AtomicU32,
-    gate: Arc<AtomicBool>,
+    pool_base: usize,
+    pool_len: usize,
+    pool: Arc<Pool>,
     timer: Mutex<Option<Timer>>,
 }
 
@@ -91,7 +95,7 @@ impl fmt::Debug for Sampler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sampler")
             .field("pool", &self.pool)
-            .field("mode", &self.mode.load(Ordering::Relaxed))
+            .field("gate", &self.gate.load(Ordering::Relaxed))
             .field("rate", &self.rate.load(Ordering::Relaxed))
             .finish()
     }
@@ -100,11 +104,13 @@ impl fmt::Debug for Sampler {
 impl Sampler {
     /// A sampler over `pool`, started in `mode`.
     pub fn new(pool: Arc<Pool>, mode: SampleMode) -> Result<Sampler> {
+        let (pool_base, pool_len) = pool.bounds();
         let s = Sampler {
-            pool,
-            mode: AtomicU8::new(MODE_OFF),
+            gate: Arc::new(AtomicU8::new(OFF)),
             rate: AtomicU32::new(1),
-            gate: Arc::new(AtomicBool::new(false)),
+            pool_base,
+            pool_len,
+            pool,
             timer: Mutex::new(None),
         };
         s.enable(mode)?;
@@ -129,7 +135,7 @@ impl Sampler {
                     });
                 }
                 self.rate.store(rate, Ordering::Relaxed);
-                self.mode.store(MODE_COUNT, Ordering::Release);
+                self.gate.store(COUNT, Ordering::Release);
                 self.pool.shared().enabled.store(true, Ordering::Relaxed);
                 Ok(())
             }
@@ -154,13 +160,18 @@ impl Sampler {
                             if thread_stop.load(Ordering::Acquire) {
                                 break;
                             }
-                            gate.store(true, Ordering::Release);
+                            let _ = gate.compare_exchange(
+                                CLOSED,
+                                OPEN,
+                                Ordering::Release,
+                                Ordering::Relaxed,
+                            );
                         }
                     })
                     .map_err(|source| KfenceError::Timer { source })?;
                 *self.timer.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Timer { stop, handle });
-                self.mode.store(MODE_INTERVAL, Ordering::Release);
+                self.gate.store(CLOSED, Ordering::Release);
                 self.pool.shared().enabled.store(true, Ordering::Relaxed);
                 Ok(())
             }
@@ -171,8 +182,7 @@ impl Sampler {
     /// joins it, waiting on nothing that needs allocation traffic.
     /// Objects already in the pool stay valid and can still be freed.
     pub fn disable(&self) {
-        self.mode.store(MODE_OFF, Ordering::Release);
-        self.gate.store(false, Ordering::Relaxed);
+        self.gate.store(OFF, Ordering::Release);
         self.pool.shared().enabled.store(false, Ordering::Relaxed);
         let timer = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = timer {
@@ -185,12 +195,12 @@ impl Sampler {
 
     /// Whether sampling is on.
     pub fn is_enabled(&self) -> bool {
-        self.mode.load(Ordering::Relaxed) != MODE_OFF
+        self.gate.load(Ordering::Relaxed) != OFF
     }
 
     /// Whether the time gate is open (for tests and diagnostics).
     pub fn gate_open(&self) -> bool {
-        self.gate.load(Ordering::Relaxed)
+        self.gate.load(Ordering::Relaxed) == OPEN
     }
 
     /// Statistics of the pool, with `enabled` from this sampler.
@@ -210,14 +220,9 @@ impl Sampler {
         cache: CacheTag,
         preservable: bool,
     ) -> Option<NonNull<u8>> {
-        match self.mode.load(Ordering::Relaxed) {
-            MODE_INTERVAL => {
-                if !self.gate.load(Ordering::Relaxed) {
-                    return None;
-                }
-                self.alloc_gated(size, align, cache, preservable)
-            }
-            MODE_COUNT => {
+        match self.gate.load(Ordering::Relaxed) {
+            OPEN => self.alloc_gated(size, align, cache, preservable),
+            COUNT => {
                 let left = COUNTDOWN.with(Cell::get);
                 if left > 1 {
                     COUNTDOWN.with(|c| c.set(left - 1));
@@ -255,7 +260,11 @@ impl Sampler {
         if self.refuse(size, align, preservable) {
             return None;
         }
-        if !self.gate.swap(false, Ordering::Acquire) {
+        if self
+            .gate
+            .compare_exchange(OPEN, CLOSED, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             return None;
         }
         self.pool.alloc(size, align, cache)
@@ -291,7 +300,7 @@ impl Sampler {
     /// Whether `ptr` is a pool object (route its free to [`Sampler::free`]).
     #[inline]
     pub fn owns(&self, ptr: *const u8) -> bool {
-        self.pool.owns(ptr)
+        (ptr as usize).wrapping_sub(self.pool_base) < self.pool_len
     }
 
     /// Frees a pool object; see [`Pool::free`].

@@ -3,6 +3,7 @@
 //! proper is here; callers uphold the documented preconditions.
 
 use std::ffi::CStr;
+use std::sync::OnceLock;
 
 /// The canary byte expected at `addr`: depends on the address, so a shifted
 /// copy of valid canary bytes is still caught.
@@ -10,6 +11,19 @@ use std::ffi::CStr;
 pub(crate) const fn canary_byte(addr: usize) -> u8 {
     0xaa ^ (addr & 7) as u8
 }
+
+/// Eight canary bytes starting at an 8-byte aligned address, as a native
+/// word.
+const CANARY_WORD: u64 = u64::from_ne_bytes([
+    canary_byte(0),
+    canary_byte(1),
+    canary_byte(2),
+    canary_byte(3),
+    canary_byte(4),
+    canary_byte(5),
+    canary_byte(6),
+    canary_byte(7),
+]);
 
 /// The host's page size.
 pub(crate) fn host_page_size() -> u64 {
@@ -60,8 +74,19 @@ pub(crate) unsafe fn fill_canary(addr: usize, len: usize) {
     // SAFETY: the caller guarantees the range is accessible and unshared, so
     // a unique slice over it is valid for the duration of the call.
     let bytes = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-    for (i, b) in bytes.iter_mut().enumerate() {
+    let head = addr.wrapping_neg() % 8;
+    let (head_bytes, rest) = bytes.split_at_mut(head.min(len));
+    for (i, b) in head_bytes.iter_mut().enumerate() {
         *b = canary_byte(addr.wrapping_add(i));
+    }
+    // The rest starts 8-byte aligned, where the pattern is one fixed word.
+    let word = CANARY_WORD.to_ne_bytes();
+    let mut chunks = rest.chunks_exact_mut(8);
+    for c in &mut chunks {
+        c.copy_from_slice(&word);
+    }
+    for (b, w) in chunks.into_remainder().iter_mut().zip(word) {
+        *b = w;
     }
 }
 
@@ -75,11 +100,28 @@ pub(crate) unsafe fn find_corruption(addr: usize, len: usize) -> Option<usize> {
     // SAFETY: the caller guarantees the range is accessible and not written
     // concurrently, so a shared slice over it is valid during the call.
     let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-    bytes
-        .iter()
-        .enumerate()
-        .find(|&(i, &b)| b != canary_byte(addr.wrapping_add(i)))
-        .map(|(i, _)| addr.wrapping_add(i))
+    let first_bad = |from: usize, part: &[u8]| {
+        part.iter()
+            .enumerate()
+            .find(|&(i, &b)| b != canary_byte(from.wrapping_add(i)))
+            .map(|(i, _)| from.wrapping_add(i))
+    };
+    let head = addr.wrapping_neg() % 8;
+    let (head_bytes, rest) = bytes.split_at(head.min(len));
+    if let Some(a) = first_bad(addr, head_bytes) {
+        return Some(a);
+    }
+    // Compare aligned words; only a mismatching word is searched byte-wise.
+    let rest_addr = addr.wrapping_add(head_bytes.len());
+    let word = CANARY_WORD.to_ne_bytes();
+    let mut chunks = rest.chunks_exact(8);
+    for (k, c) in (&mut chunks).enumerate() {
+        if c != word {
+            return first_bad(rest_addr.wrapping_add(8 * k), c);
+        }
+    }
+    let tail = chunks.remainder();
+    first_bad(rest_addr.wrapping_add(rest.len() - tail.len()), tail)
 }
 
 /// Copies `out.len()` bytes starting at `addr` into `out`.
@@ -170,8 +212,106 @@ pub(crate) struct IpInfo {
     pub(crate) symbol: Option<(String, usize)>,
 }
 
-/// Describes the code address `ip`.
+/// An executable segment of a loaded object.
+struct Segment {
+    start: usize,
+    end: usize,
+    base: usize,
+    object: String,
+}
+
+/// Executable segments of the objects loaded when first needed, sorted by
+/// address: resolving a return address is then a binary search, not a
+/// `dladdr` symbol-table walk per frame.
+static SEGMENTS: OnceLock<Vec<Segment>> = OnceLock::new();
+
+fn segments() -> &'static [Segment] {
+    SEGMENTS.get_or_init(|| {
+        let mut v: Vec<Segment> = Vec::new();
+        let data = std::ptr::addr_of_mut!(v).cast::<libc::c_void>();
+        // SAFETY: the callback matches dl_iterate_phdr's signature and only
+        // uses `data` as the `Vec<Segment>` passed here, which outlives the
+        // call.
+        unsafe { libc::dl_iterate_phdr(Some(collect_segment), data) };
+        v.sort_by_key(|s| s.start);
+        v
+    })
+}
+
+/// `dl_iterate_phdr` callback: records the executable PT_LOAD segments of one
+/// object.
+///
+/// # Safety
+///
+/// `info` must point to a valid `dl_phdr_info` and `data` to a live
+/// `Vec<Segment>`, as `dl_iterate_phdr` guarantees for the call in
+/// [`segments`].
+unsafe extern "C" fn collect_segment(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: dl_iterate_phdr passes a valid info for the callback's duration.
+    let info = unsafe { &*info };
+    // SAFETY: `data` is the Vec passed by `segments`, not aliased elsewhere
+    // during the iteration.
+    let out = unsafe { &mut *data.cast::<Vec<Segment>>() };
+    let object = if info.dlpi_name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a non-null dlpi_name is a NUL-terminated string owned by the
+        // loader, valid during the callback.
+        let name = unsafe { CStr::from_ptr(info.dlpi_name) };
+        name.to_string_lossy().into_owned()
+    };
+    let object = if object.is_empty() {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "exe".to_owned())
+    } else {
+        object.rsplit('/').next().unwrap_or(&object).to_owned()
+    };
+    let base = info.dlpi_addr as usize;
+    for i in 0..usize::from(info.dlpi_phnum) {
+        // SAFETY: dlpi_phdr points to an array of dlpi_phnum headers, and
+        // `i < dlpi_phnum`.
+        let ph = unsafe { info.dlpi_phdr.add(i) };
+        // SAFETY: `ph` points into that array.
+        let ph = unsafe { &*ph };
+        if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+            let start = base.wrapping_add(ph.p_vaddr as usize);
+            out.push(Segment {
+                start,
+                end: start.wrapping_add(ph.p_memsz as usize),
+                base,
+                object: object.clone(),
+            });
+        }
+    }
+    0
+}
+
+/// Describes the code address `ip`: the loaded object holding it and the
+/// offset from the object's load base (what `addr2line -e object` takes).
 pub(crate) fn describe_ip(ip: usize) -> Option<IpInfo> {
+    let segs = segments();
+    let i = segs.partition_point(|s| s.start <= ip);
+    if let Some(seg) = i.checked_sub(1).and_then(|i| segs.get(i)) {
+        if ip < seg.end {
+            return Some(IpInfo {
+                object: seg.object.clone(),
+                offset: ip - seg.base,
+                symbol: None,
+            });
+        }
+    }
+    describe_ip_dladdr(ip)
+}
+
+/// Describes `ip` through `dladdr`, for objects loaded after the segment
+/// table was built.
+fn describe_ip_dladdr(ip: usize) -> Option<IpInfo> {
     let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
     // SAFETY: `info` is a valid, writable Dl_info; dladdr only reads the
     // address value.
@@ -206,4 +346,36 @@ pub(crate) fn describe_ip(ip: usize) -> Option<IpInfo> {
         offset: off,
         symbol,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_fill_and_check_agree_at_every_alignment() {
+        let mut buf = vec![0u8; 64];
+        let base = buf.as_mut_ptr() as usize;
+        for start in 0..9 {
+            for len in 0..40 {
+                buf.fill(0);
+                // SAFETY: `start + len <= 49 <= 64`, inside `buf`, which is
+                // not otherwise accessed during the calls.
+                unsafe { fill_canary(base + start, len) };
+                for i in 0..len {
+                    assert_eq!(buf[start + i], canary_byte(base + start + i));
+                }
+                assert_eq!(buf.get(start + len).copied().unwrap_or(0), 0);
+                // SAFETY: as above.
+                assert_eq!(unsafe { find_corruption(base + start, len) }, None);
+                for bad in 0..len {
+                    buf[start + bad] ^= 0x10;
+                    // SAFETY: as above.
+                    let found = unsafe { find_corruption(base + start, len) };
+                    assert_eq!(found, Some(base + start + bad));
+                    buf[start + bad] ^= 0x10;
+                }
+            }
+        }
+    }
 }
