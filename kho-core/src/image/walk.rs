@@ -49,7 +49,7 @@ impl<'a> OrderFolios<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Located> {
         while self.word == 0 {
             self.wi += 1;
@@ -248,6 +248,15 @@ impl<'a> OrderRuns<'a> {
                     // the next words of the block.
                     self.word = 0;
                     while self.wi + 1 < BLOCK_WORDS {
+                        // Eight full words at a time: dense maps are runs
+                        // of whole blocks.
+                        if let Some(eight) = block.bits.get(self.wi + 1..self.wi + 9) {
+                            if eight.iter().fold(!0u64, |a, w| a & w.get()) == !0 {
+                                self.wi += 8;
+                                end_idx += 512;
+                                continue;
+                            }
+                        }
                         let next = block.bits[self.wi + 1].get();
                         let ones = next.trailing_ones();
                         if ones == 0 {
