@@ -323,3 +323,37 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Hostile header and table fields with valid CRCs: parsing returns,
+    /// never panics, and never accepts a table that does not fit.
+    #[test]
+    fn hostile_header_and_table_never_panic(
+        header_size in prop_oneof![Just(None), any::<u32>().prop_map(Some), (0u32..40).prop_map(|n| Some(n * 8))],
+        arena_size in prop_oneof![Just(super::ARENA), any::<u64>(), (0u64..1 << 20).prop_map(|p| p << 12)],
+        image_len in prop_oneof![Just(None), any::<u64>().prop_map(Some), (0u64..1 << 10).prop_map(|n| Some(n * 8))],
+        table_offset in prop_oneof![Just(None), any::<u64>().prop_map(Some), (0u64..64).prop_map(|n| Some(n * 8))],
+        section_count in prop_oneof![Just(None), any::<u32>().prop_map(Some), (0u32..10).prop_map(Some)],
+        entry_size in prop_oneof![Just(32u32), any::<u32>(), (0u32..10).prop_map(|n| n * 8)],
+        entry in (0usize..6, prop_oneof![Just(None), any::<u64>().prop_map(Some)], prop_oneof![Just(None), any::<u64>().prop_map(Some)]),
+    ) {
+        let mut raw = super::sample_raw();
+        raw.header_size = header_size;
+        raw.arena_size = arena_size;
+        raw.image_len = image_len;
+        raw.table_offset = table_offset;
+        raw.section_count = section_count;
+        raw.entry_size = entry_size.min(1 << 12);
+        let (i, off, len) = entry;
+        raw.sections[i].offset = off;
+        raw.sections[i].len = len;
+        let bytes = raw.to_bytes();
+        if let Ok(img) = Image::parse(&bytes) {
+            let h = img.header();
+            prop_assert!(h.table_offset + u64::from(h.section_count) * u64::from(h.entry_size) <= bytes.len() as u64);
+            prop_assert_eq!(img.folios().count() as u64, img.folio_count());
+        }
+    }
+}
