@@ -25,11 +25,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use kho_core::{Pfn, PhysAddr, PhysRange, PAGE_SIZE};
 use zerocopy::IntoBytes;
 
-use crate::error::{Error, Result, SlotError};
+#[cfg(test)]
+use crate::error::SlotError;
+use crate::error::{Error, Result};
 use crate::layout::{ArenaConfig, Layout, Region, MIN_ARENA_SIZE, SUPERBLOCK_PAGES};
 use crate::mapping::Mapping;
 use crate::raw;
-use crate::superblock::{ImageLocation, Superblock, ARENA_MAGIC, FLAG_RESTORED};
+use crate::superblock::{ImageLocation, Superblock, FLAG_RESTORED};
 
 #[derive(Debug, Clone, Copy)]
 struct Meta {
@@ -195,49 +197,7 @@ impl Arena {
         file.read_exact_at(&mut pages, 0)
             .map_err(Error::io("read"))?;
         let (p0, p1) = pages.split_at(PAGE_SIZE as usize);
-        Self::choose(
-            Superblock::decode(p0, 0, len),
-            Superblock::decode(p1, PAGE_SIZE, len),
-        )
-    }
-
-    /// The valid slot with the highest generation.
-    fn choose(
-        s0: std::result::Result<Superblock, SlotError>,
-        s1: std::result::Result<Superblock, SlotError>,
-    ) -> Result<(usize, Superblock)> {
-        match (s0, s1) {
-            (Ok(a), Ok(b)) => {
-                if a.layout != b.layout {
-                    // Geometry never changes after format: one slot lies.
-                    let (newer, older) = if b.generation > a.generation {
-                        (b, a)
-                    } else {
-                        (a, b)
-                    };
-                    return Err(Error::GeometryMismatch {
-                        what: "superblock slots disagree on general start",
-                        expected: older.layout.general.start.0,
-                        found: newer.layout.general.start.0,
-                    });
-                }
-                Ok(if b.generation > a.generation {
-                    (1, b)
-                } else {
-                    (0, a)
-                })
-            }
-            (Ok(a), Err(_)) => Ok((0, a)),
-            (Err(_), Ok(b)) => Ok((1, b)),
-            (Err(SlotError::BadMagic { offset, found, .. }), Err(SlotError::BadMagic { .. })) => {
-                Err(Error::Foreign {
-                    offset,
-                    expected: ARENA_MAGIC,
-                    found,
-                })
-            }
-            (Err(slot0), Err(slot1)) => Err(Error::BothSuperblocksBad { slot0, slot1 }),
-        }
+        crate::superblock::select(p0, p1, len)
     }
 
     fn meta(&self) -> MutexGuard<'_, Meta> {

@@ -261,6 +261,50 @@ impl Superblock {
     }
 }
 
+/// Validate both slots (page 0 in `slot0`, page 1 in `slot1`) of an arena
+/// of `file_len` bytes and choose the one to use: the valid slot with the
+/// highest generation. Returns its index and contents.
+///
+/// Pure: the bytes are all it reads. Two valid slots with different
+/// geometry are refused (geometry never changes after format, so one of
+/// them lies), as are two invalid ones.
+pub fn select(slot0: &[u8], slot1: &[u8], file_len: u64) -> crate::Result<(usize, Superblock)> {
+    use crate::error::Error;
+    let s0 = Superblock::decode(slot0, 0, file_len);
+    let s1 = Superblock::decode(slot1, PAGE_SIZE, file_len);
+    match (s0, s1) {
+        (Ok(a), Ok(b)) => {
+            if a.layout != b.layout {
+                let (newer, older) = if b.generation > a.generation {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
+                return Err(Error::GeometryMismatch {
+                    what: "superblock slots disagree on general start",
+                    expected: older.layout.general.start.0,
+                    found: newer.layout.general.start.0,
+                });
+            }
+            Ok(if b.generation > a.generation {
+                (1, b)
+            } else {
+                (0, a)
+            })
+        }
+        (Ok(a), Err(_)) => Ok((0, a)),
+        (Err(_), Ok(b)) => Ok((1, b)),
+        (Err(SlotError::BadMagic { offset, found, .. }), Err(SlotError::BadMagic { .. })) => {
+            Err(Error::Foreign {
+                offset,
+                expected: ARENA_MAGIC,
+                found,
+            })
+        }
+        (Err(slot0), Err(slot1)) => Err(Error::BothSuperblocksBad { slot0, slot1 }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
