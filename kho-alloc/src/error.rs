@@ -239,6 +239,18 @@ pub enum Error {
         /// The value found.
         found: u64,
     },
+    /// The KFENCE sampler could not be set up.
+    #[error("KFENCE: {0}")]
+    Kfence(#[from] crate::kfence::KfenceError),
+    /// The KFENCE pool found a bug while freeing the object at `addr`; the
+    /// full report went to the pool's report sink.
+    #[error("{title} (object at {addr:#x})")]
+    KfenceReport {
+        /// Arena address of the object.
+        addr: u64,
+        /// The report's title line.
+        title: String,
+    },
 }
 
 /// Result alias for kho-alloc.

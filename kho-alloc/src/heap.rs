@@ -20,6 +20,7 @@ use kho_core::{
 use crate::arena::Arena;
 use crate::buddy::{BuddyStats, Zone};
 use crate::error::{Error, Result};
+use crate::kfence::{self, Pool, PoolConfig, PoolMemory, RegionMemory, SampleMode, Sampler};
 use crate::layout::{Layout, Region};
 use crate::magazine;
 use crate::slab::{SlabCache, MAX_OBJECT_SIZE};
@@ -89,6 +90,8 @@ static NEXT_HEAP: AtomicU32 = AtomicU32::new(1);
 
 const KIND_SLAB: u8 = 0;
 const KIND_LARGE: u8 = 1;
+/// An object of the KFENCE pool (sampled).
+const KIND_KFENCE: u8 = 2;
 
 /// An allocated object: an owned handle, not `Clone`. Its address is
 /// [`Obj::addr`]; its bytes are reached through the heap that made it.
@@ -228,6 +231,9 @@ impl FrozenImage {
 
 pub(crate) struct Shared {
     id: u32,
+    /// The KFENCE sampler, once enabled. Declared before `arena` so that the
+    /// pool is dropped (handing its pages back) while the arena is mapped.
+    kfence: OnceLock<Sampler>,
     arena: Arena,
     general: Zone,
     preservable: Zone,
@@ -448,6 +454,7 @@ impl Heap {
         )?;
         let shared = Shared {
             id,
+            kfence: OnceLock::new(),
             general,
             preservable,
             caches: (0..MAX_CACHES).map(|_| OnceLock::new()).collect(),
@@ -516,6 +523,48 @@ impl Heap {
     /// The region of `pfn`.
     pub fn region_of(&self, pfn: Pfn) -> Option<Region> {
         self.shared.arena.region_of(pfn)
+    }
+
+    /// Start KFENCE sampling over the arena's KFENCE region (the pool is
+    /// built on first call; later calls only switch `mode`). General
+    /// requests are then sampled, `PRESERVE` ones never. The sampler is
+    /// returned for statistics, the pool's report sink and the fault
+    /// handler. [`freeze`](Self::freeze) disables sampling.
+    pub fn enable_kfence(&self, mode: SampleMode, config: PoolConfig) -> Result<&Sampler> {
+        static ENABLE: Mutex<()> = Mutex::new(());
+        let _once = lock(&ENABLE);
+        let s = &self.shared;
+        if let Some(k) = s.kfence.get() {
+            k.enable(mode)?;
+            return Ok(k);
+        }
+        // Weak: the query lives inside `Shared` (through the sampler).
+        let weak = Arc::downgrade(&self.shared);
+        let query: kfence::PreservedQuery = Box::new(move |pfn| {
+            weak.upgrade()
+                .is_some_and(|shared| Heap { shared }.is_preserved(pfn))
+        });
+        // SAFETY:
+        // - the pool over this memory lives in `Shared::kfence`, declared
+        //   before `Shared::arena`, so it is dropped while the arena is
+        //   still mapped;
+        // - nothing else in the heap touches the KFENCE region: the zones
+        //   cover general and preservable memory only, and `preserve_*`
+        //   refuses KFENCE pages.
+        let memory = unsafe { RegionMemory::new(&s.arena, query) }?;
+        let objects = config.objects.min(memory.pages().saturating_sub(1) / 2);
+        let pool = Arc::new(Pool::new(
+            Box::new(memory),
+            PoolConfig { objects, ..config },
+        )?);
+        let sampler = Sampler::new(pool, mode)?;
+        // Not set yet (checked above under ENABLE), so this stores `sampler`.
+        Ok(s.kfence.get_or_init(|| sampler))
+    }
+
+    /// The KFENCE sampler, if enabled.
+    pub fn kfence(&self) -> Option<&Sampler> {
+        self.shared.kfence.get()
     }
 
     /// Arena size in bytes.
@@ -643,6 +692,20 @@ impl Heap {
     /// This is the single entry point of general object allocation: the
     /// KFENCE sampling hook belongs at its top (never for `PRESERVE`).
     pub fn alloc(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
+        if let Some(k) = self.shared.kfence.get() {
+            let preserve = flags.contains(GfpFlags::PRESERVE);
+            if let Some(addr) = k.alloc_phys(size.max(1), 8, preserve) {
+                return Ok(Obj {
+                    addr: addr.raw(),
+                    heap: self.shared.id,
+                    slab: 0,
+                    len: size.max(1) as u32,
+                    cache: 0,
+                    kind: KIND_KFENCE,
+                    order: 0,
+                });
+            }
+        }
         if size > MAX_OBJECT_SIZE as usize {
             return self.alloc_large(size, flags);
         }
@@ -766,6 +829,17 @@ impl Heap {
     /// (recognising a sampled object by address) belongs at its top.
     pub fn free(&self, obj: Obj) -> Result<()> {
         self.check_heap(obj.heap)?;
+        if obj.kind == KIND_KFENCE {
+            let k = self.shared.kfence.get().ok_or(Error::NotAllocated {
+                addr: obj.addr,
+                expected: "a KFENCE object",
+            })?;
+            // Bugs found on free were reported to the pool's sink.
+            return k.free_phys(obj.addr()).map_err(|r| Error::KfenceReport {
+                addr: obj.addr,
+                title: r.title().to_owned(),
+            });
+        }
         let s = &self.shared;
         if obj.kind == KIND_LARGE {
             let order = Order::new(obj.order).unwrap_or(Order::ZERO);
@@ -1000,6 +1074,15 @@ impl Heap {
     pub fn freeze(&self, tree: Option<&Tree>) -> Result<FrozenImage> {
         let s = &self.shared;
         let layout = *self.layout();
+        // Sampling stops for the handover (bounded: no allocation needed);
+        // the pool's ranges go into the KFENCE section.
+        let kfence_ranges = match s.kfence.get() {
+            Some(k) => {
+                k.disable();
+                k.pool().ranges()
+            }
+            None => vec![layout.bytes_of(Region::Kfence)],
+        };
         let mut map = lock(&s.preserved).clone();
         let mut stats = FreezeStats::default();
         let mut caches = Vec::new();
@@ -1062,7 +1145,7 @@ impl Heap {
             .generation(generation)
             .memmap(&map)
             .scratch(vec![layout.bytes_of(Region::Scratch)])
-            .kfence(vec![layout.bytes_of(Region::Kfence)])
+            .kfence(kfence_ranges)
             .slab(caches, pages)
             .extents(lock(&s.extents).clone());
         if let Some(t) = tree {

@@ -48,6 +48,7 @@
 
 mod memory;
 mod pool;
+mod region;
 mod report;
 mod sampler;
 mod stack;
@@ -56,6 +57,7 @@ pub(crate) mod text;
 
 pub use memory::{AnonMemory, PageClass, PoolMemory};
 pub use pool::{CacheTag, ObjectState, Placement, Pool, PoolConfig, Stats};
+pub use region::{PreservedQuery, RegionMemory};
 pub use report::{Access, ObjectInfo, Report, ReportKind, ReportSink, Side, StderrSink};
 pub use sampler::{SampleMode, Sampler, DEFAULT_INTERVAL};
 

@@ -687,6 +687,14 @@ impl Pool {
         self.shared.contains(ptr as usize)
     }
 
+    /// Address of the pool byte at arena offset `addr`, if the pool covers
+    /// it.
+    pub fn ptr_of(&self, addr: PhysAddr) -> Option<*const u8> {
+        let off = addr.checked_offset_from(PhysAddr(self.shared.phys_base))?;
+        let off = usize::try_from(off).ok().filter(|&o| o < self.shared.len)?;
+        Some((self.shared.base + off) as *const u8)
+    }
+
     /// Arena offset of `ptr`, if it points into the pool.
     pub fn phys_addr(&self, ptr: *const u8) -> Option<PhysAddr> {
         self.shared.phys_of(ptr as usize)

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use kho_core::PhysAddr;
+
 use super::pool::{CacheTag, Pool, Stats};
 use super::report::Report;
 use super::{KfenceError, Result};
@@ -118,7 +120,7 @@ impl Sampler {
     }
 
     /// The pool.
-    pub fn pool(&self) -> &Arc<Pool> {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -220,15 +222,26 @@ impl Sampler {
         cache: CacheTag,
         preservable: bool,
     ) -> Option<NonNull<u8>> {
+        self.alloc_with(size, align, || cache, preservable)
+    }
+
+    #[inline(always)]
+    fn alloc_with(
+        &self,
+        size: usize,
+        align: usize,
+        cache: impl FnOnce() -> CacheTag,
+        preservable: bool,
+    ) -> Option<NonNull<u8>> {
         match self.gate.load(Ordering::Relaxed) {
-            OPEN => self.alloc_gated(size, align, cache, preservable),
+            OPEN => self.alloc_gated(size, align, cache(), preservable),
             COUNT => {
                 let left = COUNTDOWN.with(Cell::get);
                 if left > 1 {
                     COUNTDOWN.with(|c| c.set(left - 1));
                     return None;
                 }
-                self.alloc_counted(left, size, align, cache, preservable)
+                self.alloc_counted(left, size, align, cache(), preservable)
             }
             _ => None,
         }
@@ -301,6 +314,22 @@ impl Sampler {
     #[inline]
     pub fn owns(&self, ptr: *const u8) -> bool {
         (ptr as usize).wrapping_sub(self.pool_base) < self.pool_len
+    }
+
+    /// [`Sampler::alloc`] for allocators that address memory by arena
+    /// offset, tagging the object with its general size class (computed only
+    /// for sampled requests): the sampled object's arena offset.
+    #[inline]
+    pub fn alloc_phys(&self, size: usize, align: usize, preservable: bool) -> Option<PhysAddr> {
+        let p = self.alloc_with(size, align, || CacheTag::size_class(size), preservable)?;
+        self.pool.phys_addr(p.as_ptr())
+    }
+
+    /// Frees the pool object at arena offset `addr`; an offset outside the
+    /// pool is reported as an invalid free.
+    pub fn free_phys(&self, addr: PhysAddr) -> std::result::Result<(), Report> {
+        let ptr = self.pool.ptr_of(addr).unwrap_or(usize::MAX as *const u8);
+        self.pool.free(ptr)
     }
 
     /// Frees a pool object; see [`Pool::free`].
