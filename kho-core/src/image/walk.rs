@@ -52,14 +52,24 @@ impl<'a> OrderFolios<'a> {
     #[inline(always)]
     fn next(&mut self) -> Option<Located> {
         while self.word == 0 {
-            self.wi += 1;
-            if self.wi == BLOCK_WORDS {
-                self.wi = 0;
-                self.bi += 1;
-            }
             let b = self.blocks.get(self.bi)?;
-            self.word = b.bits[self.wi].get();
-            self.wbase = b.base_pfn.get() + ((self.wi as u64 * 64) << self.order.get());
+            // Skip empty words with a tight scan; sparse maps are mostly
+            // zero words.
+            let mut wi = self.wi + 1;
+            while wi < BLOCK_WORDS && b.bits[wi].get() == 0 {
+                wi += 1;
+            }
+            if wi < BLOCK_WORDS {
+                self.wi = wi;
+                self.word = b.bits[wi].get();
+                self.wbase = b.base_pfn.get() + ((wi as u64 * 64) << self.order.get());
+            } else {
+                self.bi += 1;
+                self.wi = 0;
+                let nb = self.blocks.get(self.bi)?;
+                self.word = nb.bits[0].get();
+                self.wbase = nb.base_pfn.get();
+            }
         }
         let bit = u64::from(self.word.trailing_zeros());
         self.word &= self.word - 1;
@@ -135,11 +145,27 @@ impl<'a> FolioMerge<'a> {
         self.limit = second;
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn next_located(&mut self) -> Option<Located> {
+        // The one-order case stays small enough to inline into the caller's
+        // loop; the merge lives out of line.
         if let Some(s) = &mut self.single {
             return s.next();
         }
+        // Batch: while the current order's head lies below every other
+        // order's, take it without comparing again.
+        if let Some((c, h)) = self.heads.get_mut(self.cur) {
+            if h.folio.pfn.0 <= self.limit {
+                if let Some(n) = c.next() {
+                    return Some(core::mem::replace(h, n));
+                }
+            }
+        }
+        self.next_merged()
+    }
+
+    #[inline(never)]
+    fn next_merged(&mut self) -> Option<Located> {
         loop {
             let (c, h) = self.heads.get_mut(self.cur)?;
             if h.folio.pfn.0 <= self.limit {
