@@ -232,7 +232,6 @@ pub type ImageRanges<'a> = Ranges<ImageFolios<'a>>;
 pub(crate) struct Piece {
     pub start: u64,
     pub end: u64,
-    pub block: usize,
 }
 
 /// The set bits of one order's blocks as page runs, in address order. A run
@@ -240,7 +239,6 @@ pub(crate) struct Piece {
 /// need to.
 pub(crate) struct OrderRuns<'a> {
     blocks: &'a [RawBlock],
-    first_block: usize,
     order: u8,
     bi: usize,
     wi: usize,
@@ -248,11 +246,10 @@ pub(crate) struct OrderRuns<'a> {
 }
 
 impl<'a> OrderRuns<'a> {
-    pub(crate) fn new(blocks: &'a [RawBlock], first_block: usize, order: u8) -> Self {
+    pub(crate) fn new(blocks: &'a [RawBlock], order: u8) -> Self {
         let word = blocks.first().map_or(0, |b| b.bits[0].get());
         OrderRuns {
             blocks,
-            first_block,
             order,
             bi: 0,
             wi: 0,
@@ -302,7 +299,6 @@ impl<'a> OrderRuns<'a> {
                 return Some(Piece {
                     start: base + (start_idx << self.order),
                     end: base + (end_idx << self.order),
-                    block: self.first_block + self.bi,
                 });
             }
             self.wi += 1;
@@ -330,7 +326,7 @@ impl<'a> RunMerge<'a> {
         let mut heads = Vec::with_capacity(NR_ORDERS);
         for (order, &(lo, hi)) in spans.iter().enumerate() {
             if let Some(b) = blocks.get(lo..hi).filter(|b| !b.is_empty()) {
-                let mut runs = OrderRuns::new(b, lo, order as u8);
+                let mut runs = OrderRuns::new(b, order as u8);
                 if let Some(p) = runs.next_piece() {
                     heads.push((runs, p));
                 }
