@@ -6,6 +6,10 @@
 //!   gate, and hook with a count gate that practically never fires (the
 //!   thread-local decrement alone). Overhead is each one's time over the
 //!   baseline's, from the same run.
+//! - `heap/*`: the real target: `Heap::alloc(64)` + `Heap::free` (slab size
+//!   class through the thread-local magazine) on a heap without KFENCE
+//!   (baseline), with the sampler enabled but off, and with the default
+//!   100 ms time gate; plus a paired alternating-blocks ratio.
 //! - `sampled/alloc_free`: one guarded allocation and its free (page
 //!   protection, canaries, stack capture), in µs.
 //! - `disable/no_traffic`: `Sampler::disable` while the timer sleeps and no
@@ -20,6 +24,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use kho_alloc::kfence::{
     AnonMemory, CacheTag, Pool, PoolConfig, SampleMode, Sampler, DEFAULT_INTERVAL,
 };
+use kho_alloc::{Arena, ArenaConfig, GfpFlags, Heap};
 
 const SIZE: usize = 64;
 const CACHE: CacheTag = CacheTag::named("size-64");
@@ -141,6 +146,71 @@ fn hook(c: &mut Criterion) {
     g.finish();
 }
 
+fn new_heap() -> Heap {
+    let config = ArenaConfig::with_size(256 << 20);
+    Heap::new(Arena::anonymous(&config).expect("arena")).expect("heap")
+}
+
+#[inline(always)]
+fn heap_alloc_free(heap: &Heap) {
+    let obj = heap.alloc(SIZE, GfpFlags::NONE).expect("alloc");
+    let _ = heap.free(black_box(obj));
+}
+
+/// Alternating blocks on two heaps, one without KFENCE and one with the
+/// default time gate: total time ratio.
+fn heap_paired_ratio(plain: &Heap, sampled: &Heap) {
+    const OPS: u32 = 2_000_000;
+    const ROUNDS: u32 = 12;
+    let run = |h: &Heap, total: &mut Duration| {
+        let t = Instant::now();
+        for _ in 0..OPS {
+            heap_alloc_free(h);
+        }
+        *total += t.elapsed();
+    };
+    let (mut base, mut with) = (Duration::ZERO, Duration::ZERO);
+    let before = sampled.kfence().map_or(0, |k| k.stats().total_allocs);
+    for round in 0..ROUNDS {
+        if round % 2 == 0 {
+            run(plain, &mut base);
+            run(sampled, &mut with);
+        } else {
+            run(sampled, &mut with);
+            run(plain, &mut base);
+        }
+    }
+    let n = f64::from(OPS * ROUNDS);
+    eprintln!(
+        "paired/heap_interval_100ms: baseline {:.2} ns/op, sampled heap {:.2} ns/op, ratio {:.4} ({} sampled)",
+        base.as_nanos() as f64 / n,
+        with.as_nanos() as f64 / n,
+        with.as_secs_f64() / base.as_secs_f64(),
+        sampled.kfence().map_or(0, |k| k.stats().total_allocs) - before,
+    );
+}
+
+fn heap(c: &mut Criterion) {
+    let plain = new_heap();
+    let timed = new_heap();
+    timed
+        .enable_kfence(
+            SampleMode::Interval(DEFAULT_INTERVAL),
+            PoolConfig::default(),
+        )
+        .expect("kfence");
+    heap_paired_ratio(&plain, &timed);
+    let off = new_heap();
+    off.enable_kfence(SampleMode::Off, PoolConfig::default())
+        .expect("kfence");
+    let mut g = c.benchmark_group("heap");
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("baseline", |b| b.iter(|| heap_alloc_free(&plain)));
+    g.bench_function("sampling_off", |b| b.iter(|| heap_alloc_free(&off)));
+    g.bench_function("interval_100ms", |b| b.iter(|| heap_alloc_free(&timed)));
+    g.finish();
+}
+
 fn sampled(c: &mut Criterion) {
     let mut g = c.benchmark_group("sampled");
     let p = pool(255);
@@ -173,5 +243,5 @@ fn disable(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hook, sampled, disable);
+criterion_group!(benches, heap, hook, sampled, disable);
 criterion_main!(benches);
