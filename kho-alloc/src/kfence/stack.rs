@@ -31,8 +31,10 @@ fn render_raw(out: &mut Vec<u8>) -> Option<String> {
     let mut ips = [0usize; MAX_FRAMES + RAW_SKIP];
     let n = sys::capture_ips(&mut ips);
     let mut first = None;
+    let mut line = Vec::with_capacity(96);
+    out.reserve(n * 48);
     for (i, &ip) in ips.iter().take(n).skip(RAW_SKIP).enumerate() {
-        let mut line = Vec::new();
+        line.clear();
         line.hex(ip as u64);
         if let Some(info) = sys::describe_ip(ip) {
             if let Some((name, sym_off)) = &info.symbol {

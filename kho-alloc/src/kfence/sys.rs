@@ -2,6 +2,7 @@
 //! pool pages, `write(2)` and stack capture. Every `unsafe` of the pool
 //! proper is here; callers uphold the documented preconditions.
 
+use std::borrow::Cow;
 use std::ffi::CStr;
 use std::sync::OnceLock;
 
@@ -205,7 +206,7 @@ pub(crate) fn capture_ips(_out: &mut [usize]) -> usize {
 /// Where a code address lies, as far as the dynamic loader knows.
 pub(crate) struct IpInfo {
     /// File name (without directories) of the object holding the address.
-    pub(crate) object: String,
+    pub(crate) object: Cow<'static, str>,
     /// Offset of the address from the object's load base.
     pub(crate) offset: usize,
     /// Nearest exported symbol and the offset from it.
@@ -300,7 +301,7 @@ pub(crate) fn describe_ip(ip: usize) -> Option<IpInfo> {
     if let Some(seg) = i.checked_sub(1).and_then(|i| segs.get(i)) {
         if ip < seg.end {
             return Some(IpInfo {
-                object: seg.object.clone(),
+                object: Cow::Borrowed(seg.object.as_str()),
                 offset: ip - seg.base,
                 symbol: None,
             });
@@ -342,7 +343,7 @@ fn describe_ip_dladdr(ip: usize) -> Option<IpInfo> {
         ))
     };
     Some(IpInfo {
-        object: base,
+        object: Cow::Owned(base),
         offset: off,
         symbol,
     })
