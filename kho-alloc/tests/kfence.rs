@@ -503,6 +503,36 @@ fn report_only_mode_continues() {
     );
 }
 
+/// `test_init_on_free`: a freed object is scrubbed; a stale read (reported,
+/// then let through in report-only mode) sees zeros, not the old contents.
+#[test]
+fn freed_objects_are_scrubbed() {
+    let name = "freed_objects_are_scrubbed";
+    if is_child(name) {
+        let pool = Arc::new(pool_with(2, 0x50_0000, false));
+        fault::install(&pool, FaultMode::ReportOnly).unwrap();
+        let size = 200;
+        let p = pool.alloc(size, 8, NAMED).unwrap().as_ptr() as usize;
+        for i in 0..size {
+            write(p + i, 0xa5);
+        }
+        pool.free(p as *const u8).unwrap();
+        assert!((0..size).all(|i| read(p + i) == 0));
+        assert_eq!(pool.drain_faults().len(), 1);
+        eprintln!("child done");
+        return;
+    }
+    let out = spawn(name);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+    assert!(stderr.contains("child done"), "{stderr}");
+    assert_eq!(
+        stderr.matches("BUG: KFENCE: use-after-free read").count(),
+        1,
+        "{stderr}"
+    );
+}
+
 // ---- Cases checked on free, in process ----
 
 fn double_free_case(source: Source) {

@@ -832,7 +832,8 @@ impl Pool {
     /// Checks that `ptr` is the start of a live object (otherwise an invalid
     /// or double free is reported and nothing changes) and that the canary
     /// around the object is intact (otherwise a corruption is reported; the
-    /// object is freed all the same). Reports go to the sink and are
+    /// object is freed all the same). The object's bytes are zeroed and its
+    /// page made inaccessible. Reports go to the sink and are
     /// returned.
     pub fn free(&self, ptr: *const u8) -> std::result::Result<(), Report> {
         let addr = ptr as usize;
@@ -898,6 +899,11 @@ impl Pool {
             }
             (first_bad, bytes)
         });
+        // Scrub the object (init-on-free): a stale pointer that still reads
+        // it, in report-only mode, sees zeros, not the old contents.
+        // SAFETY: `obj_addr..end` is the live object, in its accessible page;
+        // the caller is giving it up, and we hold the pool lock.
+        unsafe { sys::zero(obj_addr, end - obj_addr) };
         slot.free_tid.store(sys::thread_id(), Ordering::Relaxed);
         slot.free_ns.store(self.shared.now_ns(), Ordering::Relaxed);
         slot.free_stack.store(stack_text);
