@@ -85,15 +85,18 @@ impl<'a> OrderFolios<'a> {
 }
 
 /// Folios of every order merged into address order.
+///
+/// With several orders, one cursor is *active*: it yields directly while
+/// its folios stay at or below `limit`, the lowest next folio among the
+/// other orders; the others wait with their next folio peeked.
 #[derive(Clone)]
 pub(crate) struct FolioMerge<'a> {
     /// The only order present, if there is at most one.
     single: Option<OrderFolios<'a>>,
-    /// With several orders: each cursor and its next folio.
-    heads: Vec<(OrderFolios<'a>, Located)>,
-    /// The head with the lowest PFN ...
-    cur: usize,
-    /// ... and the lowest PFN among the other heads.
+    /// With several orders: each cursor and its peeked next folio (`None`
+    /// for the active cursor, or once a waiting cursor is exhausted).
+    heads: Vec<(OrderFolios<'a>, Option<Located>)>,
+    active: Option<usize>,
     limit: u64,
 }
 
@@ -109,30 +112,48 @@ impl<'a> FolioMerge<'a> {
             return FolioMerge {
                 single: cursors.next(),
                 heads: Vec::new(),
-                cur: 0,
+                active: None,
                 limit: 0,
             };
         }
         let mut heads = Vec::with_capacity(orders);
         for mut c in cursors {
-            if let Some(h) = c.next() {
-                heads.push((c, h));
-            }
+            let h = c.next();
+            heads.push((c, h));
         }
-        let mut merge = FolioMerge {
+        FolioMerge {
             single: None,
             heads,
-            cur: 0,
+            active: None,
             limit: 0,
-        };
-        merge.reselect();
-        merge
+        }
     }
 
-    fn reselect(&mut self) {
+    #[inline(always)]
+    pub(crate) fn next_located(&mut self) -> Option<Located> {
+        if let Some(s) = &mut self.single {
+            return s.next();
+        }
+        if let Some(a) = self.active {
+            if let Some((c, slot)) = self.heads.get_mut(a) {
+                match c.next() {
+                    Some(l) if l.folio.pfn.0 <= self.limit => return Some(l),
+                    other => *slot = other,
+                }
+            }
+            self.active = None;
+        }
+        self.next_merged()
+    }
+
+    /// Make the cursor with the lowest peeked folio active and return that
+    /// folio.
+    #[inline(never)]
+    fn next_merged(&mut self) -> Option<Located> {
+        self.heads.retain(|(_, h)| h.is_some());
         let (mut best, mut best_pfn, mut second) = (0, u64::MAX, u64::MAX);
         for (i, (_, h)) in self.heads.iter().enumerate() {
-            let p = h.folio.pfn.0;
+            let p = h.as_ref().map_or(u64::MAX, |h| h.folio.pfn.0);
             if p < best_pfn {
                 second = best_pfn;
                 best_pfn = p;
@@ -141,46 +162,11 @@ impl<'a> FolioMerge<'a> {
                 second = p;
             }
         }
-        self.cur = best;
+        let (_, slot) = self.heads.get_mut(best)?;
+        let out = slot.take();
+        self.active = Some(best);
         self.limit = second;
-    }
-
-    #[inline(always)]
-    pub(crate) fn next_located(&mut self) -> Option<Located> {
-        // The one-order case stays small enough to inline into the caller's
-        // loop; the merge lives out of line.
-        if let Some(s) = &mut self.single {
-            return s.next();
-        }
-        // Batch: while the current order's head lies below every other
-        // order's, take it without comparing again.
-        if let Some((c, h)) = self.heads.get_mut(self.cur) {
-            if h.folio.pfn.0 <= self.limit {
-                if let Some(n) = c.next() {
-                    return Some(core::mem::replace(h, n));
-                }
-            }
-        }
-        self.next_merged()
-    }
-
-    #[inline(never)]
-    fn next_merged(&mut self) -> Option<Located> {
-        loop {
-            let (c, h) = self.heads.get_mut(self.cur)?;
-            if h.folio.pfn.0 <= self.limit {
-                let out = *h;
-                match c.next() {
-                    Some(n) => *h = n,
-                    None => {
-                        self.heads.swap_remove(self.cur);
-                        self.reselect();
-                    }
-                }
-                return Some(out);
-            }
-            self.reselect();
-        }
+        out
     }
 }
 
