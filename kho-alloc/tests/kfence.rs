@@ -761,6 +761,51 @@ fn incompatible_requests_are_skipped() {
     assert_eq!(pool.stats().total_allocs, 0);
 }
 
+/// Several threads allocate and free through one sampler: no slot is ever
+/// handed to two owners (each object keeps the pattern its owner wrote), and
+/// the counters balance.
+#[test]
+fn concurrent_sampling_keeps_objects_private() {
+    let pool = Arc::new(pool(16));
+    let sampler = Arc::new(Sampler::new(Arc::clone(&pool), SampleMode::Count(1)).unwrap());
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let sampler = Arc::clone(&sampler);
+            std::thread::spawn(move || {
+                let mut got = 0u32;
+                let mut mine: Vec<(usize, usize)> = Vec::new();
+                for i in 0..3000usize {
+                    let size = 1 + (i * 37 + usize::from(t) * 11) % 300;
+                    if let Some(p) = sampler.alloc(size, 8, NAMED, false) {
+                        let a = p.as_ptr() as usize;
+                        for k in 0..size {
+                            write(a + k, t ^ k as u8);
+                        }
+                        mine.push((a, size));
+                        got += 1;
+                    }
+                    if mine.len() > 3 || (i % 2 == 0 && !mine.is_empty()) {
+                        let (a, size) = mine.remove(0);
+                        for k in 0..size {
+                            assert_eq!(read(a + k), t ^ k as u8, "object shared between threads");
+                        }
+                        sampler.free(a as *const u8).unwrap();
+                    }
+                }
+                for (a, _) in mine {
+                    sampler.free(a as *const u8).unwrap();
+                }
+                got
+            })
+        })
+        .collect();
+    let got: u32 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    let s = pool.stats();
+    assert!(got > 1000, "{got}");
+    assert_eq!(s.total_allocs, u64::from(got));
+    assert_eq!((s.total_frees, s.allocated, s.bugs), (u64::from(got), 0, 0));
+}
+
 // ---- Exclusion ----
 
 #[test]

@@ -25,6 +25,12 @@
 //! the timer in bounded time, without waiting for any allocation
 //! (design problem 3).
 //!
+//! In the heap, [`Heap::enable_kfence`](crate::Heap::enable_kfence) lays a
+//! pool over the arena's KFENCE region ([`RegionMemory`]), `Heap::alloc`
+//! offers each request to the sampler first, `Heap::free` routes sampled
+//! objects back by address, and `Heap::freeze` disables sampling and records
+//! [`Pool::ranges`] in the image's KFENCE section.
+//!
 //! Bugs are reported as a [`Report`] value, whose text follows the kernel's
 //! KFENCE format, and to a [`ReportSink`] (standard error by default). The
 //! opt-in fault handler in [`crate::fault`] reports guard-page and

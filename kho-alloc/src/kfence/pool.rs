@@ -753,8 +753,9 @@ impl Pool {
     /// is zeroed and placed at the left or right edge of its page at random.
     ///
     /// Returns `None`, counting the reason in [`Stats`], if the request is
-    /// incompatible, no slot is free, or the slot's page is no longer
-    /// general or KFENCE memory.
+    /// incompatible, no slot is free (or the pool is busy with another
+    /// allocation or free: allocation never blocks, counted as capacity),
+    /// or the slot's page is no longer general or KFENCE memory.
     pub fn alloc(&self, size: usize, align: usize, cache: CacheTag) -> Option<NonNull<u8>> {
         let c = &self.shared.counters;
         let align = align.max(1);
@@ -764,7 +765,16 @@ impl Pool {
         }
         let mut stack_text = Vec::new();
         stack::render(self.symbolize, &mut stack_text);
-        let mut inner = lock(&self.inner);
+        // Never block an allocation on the pool: if another sampled
+        // allocation or a free holds the lock, this request is not sampled.
+        let mut inner = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                c.skip_capacity.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
         let Some(index) = inner.free.pop_front() else {
             c.skip_capacity.fetch_add(1, Ordering::Relaxed);
             return None;
