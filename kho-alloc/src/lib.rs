@@ -7,6 +7,7 @@
 
 pub mod arena;
 pub mod buddy;
+pub mod check;
 pub mod error;
 pub mod fault;
 pub mod heap;
@@ -26,4 +27,6 @@ pub use heap::{
     RestoredCache, SIZE_CLASSES,
 };
 pub use layout::{ArenaConfig, Layout, Region};
+#[cfg(not(miri))]
+pub use mapping::ReadOnlyFile;
 pub use superblock::{ImageLocation, Superblock};

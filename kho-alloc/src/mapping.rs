@@ -242,3 +242,50 @@ pub(crate) fn clear_cloexec(file: &File) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A whole file mapped private and read-only, for inspection tools such as
+/// `kho check`: the bytes are read through the page cache on demand, so a
+/// checker touches only what it looks at.
+///
+/// Nothing is ever written through it. The mapping reflects later writes to
+/// the file by other processes; tools inspect files at rest.
+#[cfg(not(miri))]
+pub struct ReadOnlyFile {
+    map: Option<memmap2::Mmap>,
+}
+
+#[cfg(not(miri))]
+impl std::fmt::Debug for ReadOnlyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadOnlyFile")
+            .field("len", &self.bytes().len())
+            .finish()
+    }
+}
+
+#[cfg(not(miri))]
+impl ReadOnlyFile {
+    /// Map all of `file` read-only (an empty file maps to no bytes).
+    pub fn map(file: &File) -> io::Result<ReadOnlyFile> {
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(ReadOnlyFile { map: None });
+        }
+        usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::FileTooLarge))?;
+        // SAFETY:
+        // - The mapping is read-only and private to this value; no Rust
+        //   reference into it outlives `&self`.
+        // - The file can still be changed by another process, which the OS
+        //   reflects in the mapping; inspection tools run on files at rest and
+        //   treat every byte as untrusted input, so a concurrent change can
+        //   produce a wrong report but no out-of-bounds access (all reads go
+        //   through the slice's bounds checks).
+        let map = unsafe { memmap2::MmapOptions::new().map(file) }?;
+        Ok(ReadOnlyFile { map: Some(map) })
+    }
+
+    /// The file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}

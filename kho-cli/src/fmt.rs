@@ -1,0 +1,208 @@
+//! Human output helpers shared by the subcommands (and `kho demo`): sizes,
+//! aligned tables, colour on terminals only, hexdumps.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+
+/// `1536` → `"1.5 KiB"`; bytes below 1 KiB stay exact.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `0x1000`.
+pub fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+/// Terminal styling, enabled only when the stream is a terminal and
+/// `NO_COLOR` is unset.
+#[derive(Debug, Clone, Copy)]
+pub struct Style {
+    on: bool,
+}
+
+impl Style {
+    /// Styling for standard output.
+    pub fn stdout() -> Style {
+        Style {
+            on: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    fn wrap(self, code: &str, s: &str) -> String {
+        if self.on {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    }
+
+    /// Bold (headings).
+    pub fn bold(self, s: &str) -> String {
+        self.wrap("1", s)
+    }
+
+    /// Red (errors).
+    pub fn red(self, s: &str) -> String {
+        self.wrap("31;1", s)
+    }
+
+    /// Yellow (warnings).
+    pub fn yellow(self, s: &str) -> String {
+        self.wrap("33;1", s)
+    }
+
+    /// Green (clean results).
+    pub fn green(self, s: &str) -> String {
+        self.wrap("32;1", s)
+    }
+}
+
+/// Column alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    /// Pad on the right.
+    Left,
+    /// Pad on the left (numbers).
+    Right,
+}
+
+/// An aligned plain-text table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    head: Vec<(String, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these columns.
+    pub fn new(head: &[(&str, Align)]) -> Table {
+        Table {
+            head: head.iter().map(|(h, a)| ((*h).to_owned(), *a)).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Append a row (missing cells are empty).
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Render with `indent` spaces before each line; the last column is
+    /// not padded so lines carry no trailing blanks.
+    pub fn render(&self, indent: usize, style: Style) -> String {
+        let n = self.head.len();
+        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| h.chars().count()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate().take(n) {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut out = " ".repeat(indent);
+            for (i, (w, (_, align))) in width.iter().zip(&self.head).enumerate() {
+                let c = cells.get(i).map_or("", String::as_str);
+                let pad = w.saturating_sub(c.chars().count());
+                let last = i + 1 == n;
+                match align {
+                    Align::Right => {
+                        out.push_str(&" ".repeat(pad));
+                        out.push_str(c);
+                    }
+                    Align::Left => {
+                        out.push_str(c);
+                        if !last {
+                            out.push_str(&" ".repeat(pad));
+                        }
+                    }
+                }
+                if !last {
+                    out.push_str("  ");
+                }
+            }
+            let trimmed = out.trim_end().len();
+            out.truncate(trimmed);
+            out.push('\n');
+            out
+        };
+        let head: Vec<String> = self.head.iter().map(|(h, _)| h.clone()).collect();
+        let mut out = style.bold(line(&head).trim_end());
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&line(r));
+        }
+        out
+    }
+}
+
+/// A classic 16-bytes-per-line hexdump with addresses starting at `at`.
+pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
+    let mut out = String::new();
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        let _ = write!(out, "{}{:#012x}  ", " ".repeat(indent), at + 16 * i as u64);
+        for j in 0..16 {
+            match chunk.get(j) {
+                Some(b) => {
+                    let _ = write!(out, "{b:02x} ");
+                }
+                None => out.push_str("   "),
+            }
+            if j == 7 {
+                out.push(' ');
+            }
+        }
+        out.push(' ');
+        out.push('|');
+        for &b in chunk {
+            out.push(if b.is_ascii_graphic() || b == b' ' {
+                char::from(b)
+            } else {
+                '.'
+            });
+        }
+        out.push('|');
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(4 << 20), "4.0 MiB");
+        assert_eq!(size(8 << 30), "8.0 GiB");
+    }
+
+    #[test]
+    fn table_aligns_and_trims() {
+        let mut t = Table::new(&[("A", Align::Left), ("N", Align::Right), ("X", Align::Left)]);
+        t.row(vec!["long".into(), "1".into(), "".into()]);
+        t.row(vec!["s".into(), "100".into(), "z".into()]);
+        let s = t.render(2, Style { on: false });
+        assert_eq!(s, "  A       N  X\n  long    1\n  s     100  z\n");
+    }
+
+    #[test]
+    fn hexdump_line() {
+        let d = hexdump(0x10, b"AB\0", 0);
+        assert!(d.starts_with("0x0000000010  41 42 00"), "{d}");
+        assert!(d.trim_end().ends_with("|AB.|"), "{d}");
+    }
+}
