@@ -9,7 +9,7 @@
 //! use after free without any raw pointer leaving the crate.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use kho_core::{
@@ -240,6 +240,9 @@ pub(crate) struct Shared {
     caches: Box<[OnceLock<SlabCache>]>,
     names: Mutex<HashMap<String, u16>>,
     preserved: Mutex<PreservedMap>,
+    /// Folios in `preserved`, readable without its lock (fast path of
+    /// `free_pages`).
+    preserved_count: AtomicU64,
     extents: Mutex<Vec<Extent>>,
     /// The folio of the committed (or restored) image.
     image: Mutex<Option<Folio>>,
@@ -292,11 +295,14 @@ impl Shared {
         let Some(cache) = self.caches.get(class).and_then(OnceLock::get) else {
             return;
         };
-        for (addr, slab) in mag.drain(..) {
-            if let Ok(Some(pfn)) = cache.free(addr, slab) {
-                // The folio was allocated by this zone; freeing cannot fail.
-                let _ = self.general.free(pfn, false);
-            }
+        let mut surplus = Vec::new();
+        // Magazine entries come from handles, which are unique: none is
+        // ever rejected.
+        let _ = cache.free_batch(mag, &mut surplus);
+        mag.clear();
+        for pfn in surplus {
+            // The folio was allocated by this zone; freeing cannot fail.
+            let _ = self.general.free(pfn, false);
         }
     }
 
@@ -354,6 +360,11 @@ pub struct PreservableCache {
 }
 
 /// A cache restored from an image with its live objects.
+///
+/// Objects are handed out lazily from per-slab copies of the allocation
+/// bitmaps, so restoring costs time per slab page, not per object. Each live
+/// object is handed out at most once, by [`take`](Self::take) or
+/// [`into_objects`](Self::into_objects).
 #[derive(Debug)]
 pub struct RestoredCache {
     /// Cache name.
@@ -362,35 +373,98 @@ pub struct RestoredCache {
     pub object_size: u32,
     /// Object alignment.
     pub align: u32,
-    addrs: Vec<u64>,
-    objects: Vec<Option<Obj>>,
+    heap: u32,
+    cache: u16,
+    order: Order,
+    per_slab: u32,
+    remaining: usize,
+    /// Sorted by PFN.
+    slabs: Vec<RestoredSlab>,
+}
+
+#[derive(Debug)]
+struct RestoredSlab {
+    pfn: u64,
+    slab: u32,
+    /// Live objects not taken yet.
+    untaken: Box<[u64]>,
 }
 
 impl RestoredCache {
     /// Live objects not taken yet.
     pub fn len(&self) -> usize {
-        self.objects.iter().filter(|o| o.is_some()).count()
+        self.remaining
     }
 
     /// Whether every object was taken.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.remaining == 0
+    }
+
+    fn obj(&self, s: &RestoredSlab, i: u64) -> Obj {
+        Obj {
+            addr: (s.pfn << kho_core::PAGE_SHIFT) + i * u64::from(self.object_size),
+            heap: self.heap,
+            slab: s.slab,
+            len: self.object_size,
+            cache: self.cache,
+            kind: KIND_SLAB,
+            order: 0,
+        }
     }
 
     /// Take the live object at `addr` (once).
     pub fn take(&mut self, addr: PhysAddr) -> Option<Obj> {
-        let i = self.addrs.binary_search(&addr.0).ok()?;
-        self.objects.get_mut(i)?.take()
+        let head = addr.pfn().align_down(self.order).0;
+        let k = self.slabs.binary_search_by_key(&head, |s| s.pfn).ok()?;
+        let off = addr.0 - (head << kho_core::PAGE_SHIFT);
+        let stride = u64::from(self.object_size);
+        if off % stride != 0 || off / stride >= u64::from(self.per_slab) {
+            return None;
+        }
+        let i = off / stride;
+        let word = self.slabs[k].untaken.get_mut((i / 64) as usize)?;
+        if *word & (1 << (i % 64)) == 0 {
+            return None;
+        }
+        *word &= !(1 << (i % 64));
+        self.remaining -= 1;
+        Some(self.obj(&self.slabs[k], i))
     }
 
-    /// The live objects not taken yet, by address.
-    pub fn objects(&self) -> impl Iterator<Item = &Obj> + '_ {
-        self.objects.iter().flatten()
+    /// Addresses of the live objects not taken yet, by address.
+    pub fn addrs(&self) -> impl Iterator<Item = PhysAddr> + '_ {
+        let stride = u64::from(self.object_size);
+        self.slabs.iter().flat_map(move |s| {
+            let base = s.pfn << kho_core::PAGE_SHIFT;
+            s.untaken.iter().enumerate().flat_map(move |(w, &word)| {
+                let mut x = word;
+                core::iter::from_fn(move || {
+                    if x == 0 {
+                        return None;
+                    }
+                    let b = u64::from(x.trailing_zeros());
+                    x &= x - 1;
+                    Some(PhysAddr(base + (w as u64 * 64 + b) * stride))
+                })
+            })
+        })
     }
 
     /// Every live object not taken yet, by address.
     pub fn into_objects(self) -> Vec<Obj> {
-        self.objects.into_iter().flatten().collect()
+        let mut out = Vec::with_capacity(self.remaining);
+        for s in &self.slabs {
+            for (w, &word) in s.untaken.iter().enumerate() {
+                let mut x = word;
+                while x != 0 {
+                    let b = u64::from(x.trailing_zeros());
+                    x &= x - 1;
+                    out.push(self.obj(s, w as u64 * 64 + b));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -460,6 +534,7 @@ impl Heap {
             caches: (0..MAX_CACHES).map(|_| OnceLock::new()).collect(),
             names: Mutex::new(HashMap::new()),
             preserved: Mutex::new(PreservedMap::new(Pfn(layout.pages))),
+            preserved_count: AtomicU64::new(0),
             extents: Mutex::new(Vec::new()),
             image: Mutex::new(None),
             arena,
@@ -634,11 +709,14 @@ impl Heap {
     pub fn free_pages(&self, pages: Pages) -> Result<()> {
         self.check_heap(pages.heap)?;
         let f = pages.folio;
-        {
-            let mut map = lock(&self.shared.preserved);
-            if map.is_preserved(f.pfn).is_some() {
-                let _ = map.unpreserve(f.pfn, f.order);
-            }
+        if self.shared.preserved_count.load(Ordering::Acquire) != 0 {
+            let _ = self.with_map(|map| {
+                if map.is_preserved(f.pfn).is_some() {
+                    map.unpreserve(f.pfn, f.order)
+                } else {
+                    Ok(())
+                }
+            });
         }
         self.free_folio(f)
     }
@@ -1009,6 +1087,16 @@ impl Heap {
         Ok(())
     }
 
+    /// Change the preserved map, keeping the lock-free folio count in step.
+    fn with_map(&self, f: impl FnOnce(&mut PreservedMap) -> kho_core::MapResult<()>) -> Result<()> {
+        let mut map = lock(&self.shared.preserved);
+        let r = f(&mut map);
+        self.shared
+            .preserved_count
+            .store(map.folio_count(), Ordering::Release);
+        Ok(r?)
+    }
+
     /// Preserve an allocated folio across the next handover.
     pub fn preserve_pages(&self, pages: &Pages) -> Result<()> {
         self.check_heap(pages.heap)?;
@@ -1019,7 +1107,7 @@ impl Heap {
     /// superblock memory is refused.
     pub fn preserve_folio(&self, folio: Folio) -> Result<()> {
         self.check_preservable(folio.pfn, folio.end_pfn(), folio.addr().0, folio.bytes())?;
-        lock(&self.shared.preserved).preserve(folio.pfn, folio.order)?;
+        self.with_map(|m| m.preserve(folio.pfn, folio.order))?;
         Ok(())
     }
 
@@ -1031,19 +1119,19 @@ impl Heap {
             size: self.size(),
         })?;
         self.check_preservable(first, end, range.start, range.len)?;
-        lock(&self.shared.preserved).preserve_range(range.start(), range.len)?;
+        self.with_map(|m| m.preserve_range(range.start(), range.len))?;
         Ok(())
     }
 
     /// Undo [`preserve_folio`](Self::preserve_folio).
     pub fn unpreserve_folio(&self, folio: Folio) -> Result<()> {
-        lock(&self.shared.preserved).unpreserve(folio.pfn, folio.order)?;
+        self.with_map(|m| m.unpreserve(folio.pfn, folio.order))?;
         Ok(())
     }
 
     /// Undo [`preserve_range`](Self::preserve_range).
     pub fn unpreserve_range(&self, range: PhysRange) -> Result<()> {
-        lock(&self.shared.preserved).unpreserve_range(range.start(), range.len)?;
+        self.with_map(|m| m.unpreserve_range(range.start(), range.len))?;
         Ok(())
     }
 
@@ -1305,7 +1393,7 @@ impl Heap {
         shared.preservable.release_reserved();
 
         // Caches: map image ids to heap caches by name.
-        let mut ids: HashMap<u32, u16> = HashMap::new();
+        let mut ids: HashMap<u32, (u16, usize)> = HashMap::new();
         let mut restored_caches: Vec<RestoredCache> = Vec::new();
         for c in image.slab_caches() {
             let known = lock(&shared.names).get(c.name()).copied();
@@ -1341,19 +1429,23 @@ impl Heap {
                     found: u64::from(c.object_size()),
                 });
             }
-            ids.insert(c.id(), index);
+            ids.insert(c.id(), (index, restored_caches.len()));
             restored_caches.push(RestoredCache {
                 name: c.name().to_owned(),
                 object_size: cache.stride,
                 align: cache.align,
-                addrs: Vec::new(),
-                objects: Vec::new(),
+                heap: id,
+                cache: index,
+                order: cache.order,
+                per_slab: cache.per_slab,
+                remaining: 0,
+                slabs: Vec::new(),
             });
         }
-        let mut slab_pfns = std::collections::HashSet::new();
+        let mut slab_pfns = Vec::with_capacity(image.slab_pages().len());
         for p in image.slab_pages() {
             let pos = ids.get(&p.cache_id()).copied();
-            let index = pos.ok_or(Error::Inconsistent {
+            let (index, rc) = pos.ok_or(Error::Inconsistent {
                 addr: p.pfn().0 << kho_core::PAGE_SHIFT,
                 what: "slab page of an unknown cache",
                 expected: 0,
@@ -1395,40 +1487,30 @@ impl Heap {
                     0,
                 ));
             }
-            let slab = cache.adopt(p.pfn(), p.bitmap_words().collect())?;
-            slab_pfns.insert(p.pfn());
-            let rc = restored_caches
-                .iter_mut()
-                .find(|r| r.name == cache.name)
-                .ok_or(inconsistent("restored cache", 1, 0))?;
-            for i in p.allocated() {
-                let addr =
-                    p.object_addr(i)
-                        .ok_or(inconsistent("object address", 0, u64::from(i)))?;
-                rc.addrs.push(addr.0);
-                rc.objects.push(Some(Obj {
-                    addr: addr.0,
-                    heap: id,
-                    slab,
-                    len: cache.stride,
-                    cache: index,
-                    kind: KIND_SLAB,
-                    order: 0,
-                }));
-            }
+            let bitmap: Vec<u64> = p.bitmap_words().collect();
+            let untaken: Box<[u64]> = bitmap.as_slice().into();
+            let live: u32 = bitmap.iter().map(|w| w.count_ones()).sum();
+            let slab = cache.adopt(p.pfn(), bitmap)?;
+            slab_pfns.push(p.pfn());
+            let rc = &mut restored_caches[rc];
+            rc.remaining += live as usize;
+            rc.slabs.push(RestoredSlab {
+                pfn: p.pfn().0,
+                slab,
+                untaken,
+            });
         }
         for rc in &mut restored_caches {
-            // Pages arrive sorted by PFN and objects by index: already
-            // sorted, but do not rely on the writer for `take`.
-            if !rc.addrs.windows(2).all(|w| w[0] < w[1]) {
-                let mut pairs: Vec<_> = rc.addrs.drain(..).zip(rc.objects.drain(..)).collect();
-                pairs.sort_unstable_by_key(|p| p.0);
-                (rc.addrs, rc.objects) = pairs.into_iter().unzip();
+            // The writer sorts slab pages by PFN; do not rely on it for
+            // `take`'s binary search.
+            if !rc.slabs.windows(2).all(|w| w[0].pfn < w[1].pfn) {
+                rc.slabs.sort_unstable_by_key(|s| s.pfn);
             }
         }
+        slab_pfns.sort_unstable();
         let folios = image
             .folios()
-            .filter(|f| !slab_pfns.contains(&f.pfn))
+            .filter(|f| slab_pfns.binary_search(&f.pfn).is_err())
             .map(|folio| Pages { folio, heap: id })
             .collect();
         let restored = Restored {

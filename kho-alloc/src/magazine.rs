@@ -16,7 +16,7 @@ use std::sync::{Arc, Weak};
 use crate::heap::Shared;
 
 /// Objects per magazine before half are flushed.
-pub(crate) const MAG_CAP: usize = 64;
+pub(crate) const MAG_CAP: usize = 128;
 /// Objects fetched per refill.
 pub(crate) const MAG_BATCH: usize = 32;
 

@@ -275,11 +275,31 @@ impl SlabCache {
     /// Free the object at `addr` of slab `s`. Returns the folio to give
     /// back to the buddy allocator if the slab became surplus.
     pub(crate) fn free(&self, addr: u64, s: u32) -> Result<Option<Pfn>> {
+        let mut g = self.lock();
+        self.free_locked(&mut g, addr, s)
+    }
+
+    /// Free many objects under one lock; surplus slab folios are appended
+    /// to `surplus`. Objects that are not allocated are skipped and
+    /// counted in the result.
+    pub(crate) fn free_batch(&self, objs: &[(u64, u32)], surplus: &mut Vec<Pfn>) -> usize {
+        let mut g = self.lock();
+        let mut bad = 0;
+        for &(addr, s) in objs {
+            match self.free_locked(&mut g, addr, s) {
+                Ok(Some(pfn)) => surplus.push(pfn),
+                Ok(None) => {}
+                Err(_) => bad += 1,
+            }
+        }
+        bad
+    }
+
+    fn free_locked(&self, g: &mut SlabInner, addr: u64, s: u32) -> Result<Option<Pfn>> {
         let not = Error::NotAllocated {
             addr,
             expected: "an allocated object of this cache",
         };
-        let mut g = self.lock();
         let per = self.per_slab;
         let slab = g.slabs.get_mut(s as usize).ok_or(not)?;
         let base = slab.pfn.wrapping_shl(kho_core::PAGE_SHIFT);

@@ -90,7 +90,8 @@ fn check_restored(arena: Arena, expect: Option<&Written>) -> Heap {
 
     let rc = restored.cache_mut("kv").expect("kv cache");
     assert_eq!(rc.len(), objects);
-    let addrs: Vec<PhysAddr> = rc.objects().map(Obj::addr).collect();
+    let addrs: Vec<PhysAddr> = rc.addrs().collect();
+    assert!(addrs.windows(2).all(|w| w[0] < w[1]));
     let live: Vec<Obj> = addrs.iter().map(|&a| rc.take(a).unwrap()).collect();
     assert!(rc.is_empty() && rc.take(addrs[0]).is_none());
     let got = checksum(live.iter().map(|o| (o.addr().0, heap.bytes(o).unwrap())));
