@@ -52,6 +52,7 @@
 
 pub mod arena;
 pub mod buddy;
+pub mod check;
 pub mod error;
 pub mod fault;
 pub mod heap;
@@ -71,4 +72,6 @@ pub use heap::{
     RestoredCache, SIZE_CLASSES,
 };
 pub use layout::{ArenaConfig, Layout, Region};
+#[cfg(not(miri))]
+pub use mapping::ReadOnlyFile;
 pub use superblock::{ImageLocation, Superblock};
