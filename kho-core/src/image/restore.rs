@@ -119,6 +119,7 @@ impl core::fmt::Debug for RestoreAll<'_, '_> {
 impl Iterator for RestoreAll<'_, '_> {
     type Item = Folio;
 
+    #[inline]
     fn next(&mut self) -> Option<Folio> {
         while let Some(l) = self.merge.next_located() {
             let Some(word) = self

@@ -203,7 +203,7 @@ impl fmt::Debug for ImageFolios<'_> {
 impl Iterator for ImageFolios<'_> {
     type Item = Folio;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Folio> {
         self.merge.next_located().map(|l| l.folio)
     }
