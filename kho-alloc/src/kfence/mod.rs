@@ -20,8 +20,10 @@
 //!
 //! The [`Sampler`] decides which requests go to the pool: a time gate opened by
 //! a background timer once per interval, or a per-thread randomized countdown.
-//! The non-sampled path is one relaxed atomic load (time gate) or one
-//! thread-local decrement (count gate). [`Sampler::disable`] stops sampling and
+//! The non-sampled path is one relaxed load of a process-wide counter of
+//! active gates ([`may_sample`]) while no gate is open, plus one relaxed load
+//! of the sampler's gate byte or one thread-local decrement (count gate)
+//! otherwise. [`Sampler::disable`] stops sampling and
 //! the timer in bounded time, without waiting for any allocation
 //! (design problem 3).
 //!
@@ -65,7 +67,7 @@ pub use memory::{AnonMemory, PageClass, PoolMemory};
 pub use pool::{CacheTag, ObjectState, Placement, Pool, PoolConfig, Stats};
 pub use region::{PreservedQuery, RegionMemory};
 pub use report::{Access, ObjectInfo, Report, ReportKind, ReportSink, Side, StderrSink};
-pub use sampler::{SampleMode, Sampler, DEFAULT_INTERVAL};
+pub use sampler::{may_sample, SampleMode, Sampler, DEFAULT_INTERVAL};
 
 pub(crate) use pool::Shared;
 

@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -44,6 +44,41 @@ const CLOSED: u8 = 1;
 const OPEN: u8 = 2;
 const COUNT: u8 = 3;
 
+/// Process-wide number of gates that may sample right now: open time gates
+/// plus count-mode samplers. While it is zero no request anywhere is
+/// sampled, so an allocator's hook costs one relaxed load of a global (the
+/// role the kernel's static key plays for KFENCE). It may be transiently
+/// off by one while a gate opens and closes concurrently; that only costs a
+/// look at the gate itself.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any sampler in the process may sample the next request. `false`
+/// means the request is certainly not sampled; allocators call this before
+/// touching their sampler.
+#[inline(always)]
+pub fn may_sample() -> bool {
+    ACTIVE.load(Ordering::Relaxed) != 0
+}
+
+/// Whether a gate state counts in [`ACTIVE`].
+const fn active(state: u8) -> bool {
+    state == OPEN || state == COUNT
+}
+
+/// Moves `gate` to `new`, keeping [`ACTIVE`] in step.
+fn set_gate(gate: &AtomicU8, new: u8) {
+    let old = gate.swap(new, Ordering::AcqRel);
+    match (active(old), active(new)) {
+        (false, true) => {
+            ACTIVE.fetch_add(1, Ordering::Relaxed);
+        }
+        (true, false) => {
+            ACTIVE.fetch_sub(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
 thread_local! {
     /// Requests left before this thread's next sample; 0 means "draw".
     static COUNTDOWN: Cell<u32> = const { Cell::new(0) };
@@ -82,8 +117,10 @@ struct Timer {
 ///
 /// The embedding allocator asks [`Sampler::alloc`] first on every request;
 /// it returns `None` (the caller proceeds normally) unless the request is
-/// sampled and the pool can serve it. The unsampled path costs one relaxed
-/// atomic load (time gate) or one thread-local decrement (count gate).
+/// sampled and the pool can serve it. While no gate in the process is open
+/// the unsampled path is one relaxed load of a global ([`may_sample`]);
+/// otherwise one more load of the gate byte, or a thread-local decrement
+/// (count gate).
 pub struct Sampler {
     gate: Arc<AtomicU8>,
     rate: AtomicU32,
@@ -137,7 +174,7 @@ impl Sampler {
                     });
                 }
                 self.rate.store(rate, Ordering::Relaxed);
-                self.gate.store(COUNT, Ordering::Release);
+                set_gate(&self.gate, COUNT);
                 self.pool.shared().enabled.store(true, Ordering::Relaxed);
                 Ok(())
             }
@@ -162,18 +199,23 @@ impl Sampler {
                             if thread_stop.load(Ordering::Acquire) {
                                 break;
                             }
-                            let _ = gate.compare_exchange(
-                                CLOSED,
-                                OPEN,
-                                Ordering::Release,
-                                Ordering::Relaxed,
-                            );
+                            if gate
+                                .compare_exchange(
+                                    CLOSED,
+                                    OPEN,
+                                    Ordering::Release,
+                                    Ordering::Relaxed,
+                                )
+                                .is_ok()
+                            {
+                                ACTIVE.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     })
                     .map_err(|source| KfenceError::Timer { source })?;
                 *self.timer.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Timer { stop, handle });
-                self.gate.store(CLOSED, Ordering::Release);
+                set_gate(&self.gate, CLOSED);
                 self.pool.shared().enabled.store(true, Ordering::Relaxed);
                 Ok(())
             }
@@ -184,7 +226,7 @@ impl Sampler {
     /// joins it, waiting on nothing that needs allocation traffic.
     /// Objects already in the pool stay valid and can still be freed.
     pub fn disable(&self) {
-        self.gate.store(OFF, Ordering::Release);
+        set_gate(&self.gate, OFF);
         self.pool.shared().enabled.store(false, Ordering::Relaxed);
         let timer = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = timer {
@@ -233,6 +275,9 @@ impl Sampler {
         cache: impl FnOnce() -> CacheTag,
         preservable: bool,
     ) -> Option<NonNull<u8>> {
+        if !may_sample() {
+            return None;
+        }
         match self.gate.load(Ordering::Relaxed) {
             OPEN => self.alloc_gated(size, align, cache(), preservable),
             COUNT => {
@@ -280,6 +325,7 @@ impl Sampler {
         {
             return None;
         }
+        ACTIVE.fetch_sub(1, Ordering::Relaxed);
         self.pool.alloc(size, align, cache)
     }
 
