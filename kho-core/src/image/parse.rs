@@ -420,10 +420,13 @@ impl<'a> Image<'a> {
                     found: order,
                 });
             }
-            reserved_bytes(&b.reserved, offset + 9)?;
+            if b.reserved != [0; 7] {
+                reserved_bytes(&b.reserved, offset + 9)?;
+            }
             let base = b.base_pfn.get();
             let span = span(order);
-            if base % span != 0 {
+            // `span` is a power of two: mask, do not divide.
+            if base & (span - 1) != 0 {
                 return Err(ParseError::BlockMisaligned {
                     offset,
                     expected: span,
@@ -530,7 +533,7 @@ impl<'a> Image<'a> {
                     }
                     // Folios of `h` meeting [base, end).
                     let h_lo = (base - hbase) >> h;
-                    let h_hi = (end - hbase).div_ceil(1u64 << h);
+                    let h_hi = (end - hbase + (1u64 << h) - 1) >> h;
                     let mut j = h_lo;
                     while let Some(hidx) = first_set_in(&hb.bits, j, h_hi) {
                         let hpfn = hbase + (hidx << h);
