@@ -52,17 +52,16 @@ mod error;
 pub mod layout;
 mod parse;
 mod restore;
+mod slab;
 #[doc(hidden)]
 pub mod testing;
 mod walk;
 
 pub use build::ImageBuilder;
 pub use error::{BuildError, ParseError, RestoreError};
-pub use parse::{
-    ExtentIter, Image, ImageBlocks, ImageHeader, RangeIter, SectionInfo, SectionIter,
-    SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView,
-};
+pub use parse::{ExtentIter, Image, ImageBlocks, ImageHeader, RangeIter, SectionInfo, SectionIter};
 pub use restore::{RestoreAll, Restorer};
+pub use slab::{SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView};
 pub use walk::{ImageFolios, ImageRanges};
 
 /// Result alias for parsing.
