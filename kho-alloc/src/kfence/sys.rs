@@ -33,11 +33,17 @@ pub(crate) fn host_page_size() -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// The calling thread's kernel thread id.
+/// The calling thread's kernel thread id (cached per thread: one syscall
+/// per thread, not per sampled allocation).
 pub(crate) fn thread_id() -> u64 {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    u64::try_from(tid).unwrap_or(0)
+    thread_local! {
+        static TID: u64 = {
+            // SAFETY: gettid has no preconditions and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            u64::try_from(tid).unwrap_or(0)
+        };
+    }
+    TID.try_with(|t| *t).unwrap_or(0)
 }
 
 /// Makes `addr..addr + len` accessible (read/write) or inaccessible.
