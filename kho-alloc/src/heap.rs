@@ -769,6 +769,7 @@ impl Heap {
     ///
     /// This is the single entry point of general object allocation: the
     /// KFENCE sampling hook belongs at its top (never for `PRESERVE`).
+    #[inline]
     pub fn alloc(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
         if let Some(k) = self.shared.kfence.get() {
             let preserve = flags.contains(GfpFlags::PRESERVE);
@@ -873,6 +874,7 @@ impl Heap {
         })
     }
 
+    #[inline]
     fn alloc_magazine(&self, class: usize) -> Result<Obj> {
         let s = &self.shared;
         let got = magazine::with(&self.shared, NCLASSES, |tc| {
@@ -905,7 +907,47 @@ impl Heap {
     ///
     /// The single entry point of general object free: the KFENCE hook
     /// (recognising a sampled object by address) belongs at its top.
+    #[inline]
     pub fn free(&self, obj: Obj) -> Result<()> {
+        // Fast path: a general size-class object of this heap goes to the
+        // thread's magazine. KFENCE, large and preservable objects, and a
+        // thread without usable thread-local storage, take `free_slow`.
+        if obj.heap == self.shared.id && obj.kind == KIND_SLAB && usize::from(obj.cache) < NCLASSES
+        {
+            let class = usize::from(obj.cache);
+            let full = magazine::with(&self.shared, NCLASSES, |tc| {
+                let mag = &mut tc.mags[class];
+                mag.push((obj.addr, obj.slab));
+                mag.len() >= magazine::MAG_CAP
+            });
+            match full {
+                Some(false) => return Ok(()),
+                Some(true) => {
+                    self.spill_magazine(class);
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        self.free_slow(obj)
+    }
+
+    /// Give half of a full magazine back to its cache.
+    #[cold]
+    #[inline(never)]
+    fn spill_magazine(&self, class: usize) {
+        let s = &self.shared;
+        let spill = magazine::with(s, NCLASSES, |tc| {
+            let mag = &mut tc.mags[class];
+            mag.drain(magazine::MAG_CAP / 2..).collect::<Vec<_>>()
+        });
+        if let Some(mut spill) = spill {
+            s.flush_magazine(class, &mut spill);
+        }
+    }
+
+    #[inline(never)]
+    fn free_slow(&self, obj: Obj) -> Result<()> {
         self.check_heap(obj.heap)?;
         if obj.kind == KIND_KFENCE {
             let k = self.shared.kfence.get().ok_or(Error::NotAllocated {
@@ -930,20 +972,6 @@ impl Heap {
             addr: obj.addr,
             expected: "an object of a known cache",
         })?;
-        if !cache.preservable && usize::from(obj.cache) < NCLASSES {
-            let class = usize::from(obj.cache);
-            let pushed = magazine::with(&self.shared, NCLASSES, |tc| {
-                let mag = &mut tc.mags[class];
-                mag.push((obj.addr, obj.slab));
-                if mag.len() >= magazine::MAG_CAP {
-                    let mut spill: Vec<(u64, u32)> = mag.drain(magazine::MAG_CAP / 2..).collect();
-                    s.flush_magazine(class, &mut spill);
-                }
-            });
-            if pushed.is_some() {
-                return Ok(());
-            }
-        }
         if let Some(pfn) = cache.free(obj.addr, obj.slab)? {
             s.zone_for(cache).free(pfn, false)?;
         }

@@ -43,6 +43,7 @@ thread_local! {
 /// Run `f` with this thread's magazines for `shared`, creating them on
 /// first use. Returns `None` when thread-local storage is gone (the thread
 /// is exiting) or already borrowed; callers then use the locked path.
+#[inline]
 pub(crate) fn with<R>(
     shared: &Arc<Shared>,
     classes: usize,
