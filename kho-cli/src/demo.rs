@@ -104,17 +104,25 @@ fn print_report(r: &DemoReport) {
         ms(freeze + commit + r.restore)
     );
     println!(
-        "  image checks     {} folios, {} tree ranges, {}",
+        "  image checks     {} folios, {} tree ranges, kho check {}: {}",
         r.checks.folios,
         r.checks.ranges,
+        if r.checks.checker_ran {
+            "ran"
+        } else {
+            "did not run"
+        },
         if r.checks.problems.is_empty() {
-            "clean".to_owned()
+            format!("clean ({} warnings)", r.checks.warnings.len())
         } else {
             format!("{} problems", r.checks.problems.len())
         }
     );
     for p in &r.checks.problems {
         println!("    problem: {p}");
+    }
+    for w in &r.checks.warnings {
+        println!("    warning: {w}");
     }
     println!(
         "  result           {}",

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! cargo run -p kho-cli --bin gen-fixtures -- [OUT_DIR]   # default: fixtures
+//! gen-fixtures --bench-arena PATH SIZE_GIB PRESERVED_GIB  # for scripts/bench-check.sh
 //! ```
 //!
 //! Every arena is built directly with [`Arena`] and [`ImageBuilder`]
@@ -532,8 +533,23 @@ fn names() -> impl Iterator<Item = &'static str> {
 }
 
 fn main() -> std::process::ExitCode {
-    let out = std::env::args_os()
-        .nth(1)
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--bench-arena") {
+        let parse = |i: usize| -> Option<u64> { args.get(i)?.to_str()?.parse().ok() };
+        let (Some(path), Some(size), Some(preserved)) = (args.get(1), parse(2), parse(3)) else {
+            eprintln!("gen-fixtures: usage: --bench-arena PATH SIZE_GIB PRESERVED_GIB");
+            return std::process::ExitCode::from(2);
+        };
+        return match bench_arena(Path::new(path), size << 30, preserved << 30) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gen-fixtures: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    let out = args
+        .first()
         .map_or_else(|| PathBuf::from("fixtures"), PathBuf::from);
     match generate(&out) {
         Ok(n) => {
@@ -554,4 +570,49 @@ fn generate(out: &Path) -> Result<usize> {
         gen(&path).with_context(|| format!("generate {name}"))?;
     }
     Ok(names().count())
+}
+
+/// A large, sparse arena for measuring `kho check`: `preserved` bytes of
+/// order-9 folios in general memory, each with 4 KiB of data declared by an
+/// extent, so the checker must read the other 2044 KiB of every folio.
+/// Only the data pages take disk space.
+fn bench_arena(path: &Path, size: u64, preserved: u64) -> Result<()> {
+    let cfg = ArenaConfig::with_size(size);
+    let mut arena = Arena::create_file(path, &cfg)?;
+    let layout = *arena.layout();
+    let folio = o(9);
+    let count = preserved / folio.bytes();
+    let start = layout.general.start.0.next_multiple_of(folio.pages());
+    anyhow::ensure!(
+        start + (count + 1) * folio.pages() <= layout.pages,
+        "{} GiB of folios do not fit in the general region",
+        preserved >> 30
+    );
+    let mut map = PreservedMap::new(Pfn(layout.pages));
+    map.preserve_folios(Pfn(start), folio, count)?;
+    let data = pattern(3, PAGE_SIZE as usize);
+    let mut extents = Vec::new();
+    for i in 0..count {
+        let at = addr(Pfn(start + i * folio.pages()));
+        arena.write(at, &data)?;
+        extents.push(Extent {
+            range: PhysRange::new(at, PAGE_SIZE),
+            tag: 1,
+        });
+    }
+    let image = ImageBuilder::new(layout.size())
+        .generation(2)
+        .memmap(&map)
+        .scratch(vec![layout.bytes_of(Region::Scratch)])
+        .kfence(vec![layout.bytes_of(Region::Kfence)])
+        .extents(extents)
+        .build()?;
+    let at = addr(Pfn(start + count * folio.pages()));
+    arena.write(at, &image)?;
+    arena.commit_image(ImageLocation {
+        offset: at.0,
+        len: image.len() as u64,
+        crc: crc32(&image),
+    })?;
+    Ok(())
 }
