@@ -648,7 +648,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
+        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 200 }))]
 
         #[test]
         fn random_sequences_keep_invariants(start in 0u64..2048, pages in 1u64..5000, ops in ops()) {

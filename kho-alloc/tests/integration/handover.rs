@@ -138,6 +138,7 @@ fn round_trip_in_one_process() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "files, mmap and processes")]
 fn round_trip_through_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("arena");
@@ -159,6 +160,7 @@ fn round_trip_through_a_file() {
 /// Parent writes an arena file, a re-executed copy of this test binary
 /// restores it and verifies every live object's checksum.
 #[test]
+#[cfg_attr(miri, ignore = "files, mmap and processes")]
 fn round_trip_across_processes() {
     if std::env::var(ROLE).as_deref() == Ok("child") {
         let path = std::env::var(PATH).unwrap();
@@ -194,6 +196,7 @@ fn round_trip_across_processes() {
 
 /// The same through a memfd inherited across exec.
 #[test]
+#[cfg(not(miri))]
 fn round_trip_through_inherited_memfd() {
     if std::env::var(ROLE).as_deref() == Ok("memfd-child") {
         let fd = std::env::var(PATH).unwrap();
@@ -226,6 +229,7 @@ fn round_trip_through_inherited_memfd() {
 /// After freeze every free slot and tail of every preserved slab page
 /// reads zero, and live objects are intact.
 #[test]
+#[cfg_attr(miri, ignore = "files, mmap and processes")]
 fn freeze_scrubs_free_slots() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("arena");

@@ -34,7 +34,7 @@ enum Live {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 64 }))]
 
     #[test]
     fn heap_alloc_free_keeps_memory_disjoint_and_intact(ops in ops()) {
