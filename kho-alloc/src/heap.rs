@@ -142,6 +142,63 @@ impl Obj {
     }
 }
 
+/// An [`Obj`] handle taken apart into plain data, for queues that cannot
+/// hold handles (a signal handler's list of objects to free, see
+/// [`crate::deferred`]). Holding a `RawObj` owns nothing: only
+/// [`Obj::from_raw`] turns it back into a handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawObj {
+    /// Arena address.
+    pub addr: u64,
+    /// Id of the heap that made the object.
+    pub heap: u32,
+    /// Usable length in bytes.
+    pub len: u32,
+    /// Slab index (bits 0..32), cache index (32..48), kind (48..56) and
+    /// folio order (56..64), packed.
+    pub meta: u64,
+}
+
+impl Obj {
+    /// Id of the heap that made the object.
+    pub(crate) fn heap_id(&self) -> u32 {
+        self.heap
+    }
+
+    /// Give up the handle as plain data; [`Obj::from_raw`] restores it.
+    pub fn into_raw(self) -> RawObj {
+        RawObj {
+            addr: self.addr,
+            heap: self.heap,
+            len: self.len,
+            meta: u64::from(self.slab)
+                | u64::from(self.cache) << 32
+                | u64::from(self.kind) << 48
+                | u64::from(self.order) << 56,
+        }
+    }
+
+    /// Rebuild a handle from [`Obj::into_raw`].
+    ///
+    /// # Safety
+    ///
+    /// - `raw` came from [`Obj::into_raw`] and no other handle to the
+    ///   object exists: it is turned back into a handle at most once per
+    ///   `into_raw`, and the object was not freed in between. (A forged or
+    ///   duplicated handle would let safe code alias the object's bytes.)
+    pub unsafe fn from_raw(raw: RawObj) -> Obj {
+        Obj {
+            addr: raw.addr,
+            heap: raw.heap,
+            slab: raw.meta as u32,
+            len: raw.len,
+            cache: (raw.meta >> 32) as u16,
+            kind: (raw.meta >> 48) as u8,
+            order: (raw.meta >> 56) as u8,
+        }
+    }
+}
+
 /// An allocated folio: an owned handle, not `Clone`.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "pages leak unless they are freed"]
@@ -670,6 +727,11 @@ impl Heap {
             preservable: self.shared.preservable.stats(),
             preserved_folios: lock(&self.shared.preserved).folio_count(),
         }
+    }
+
+    /// The heap's id, as recorded in its handles.
+    pub(crate) fn id(&self) -> u32 {
+        self.shared.id
     }
 
     fn check_heap(&self, heap: u32) -> Result<()> {

@@ -53,14 +53,18 @@
 pub mod arena;
 pub mod buddy;
 pub mod check;
+pub mod deferred;
+pub mod epoch;
 pub mod error;
 pub mod fault;
 pub mod heap;
 pub mod kfence;
+pub mod kv;
 pub mod layout;
 mod magazine;
 mod mapping;
 mod raw;
+pub mod session;
 mod slab;
 pub mod superblock;
 
@@ -68,8 +72,8 @@ pub use arena::Arena;
 pub use buddy::BuddyStats;
 pub use error::{Error, Result, SlotError};
 pub use heap::{
-    FreezeStats, FrozenImage, GfpFlags, Heap, HeapStats, Obj, Pages, PreservableCache, Restored,
-    RestoredCache, SIZE_CLASSES,
+    FreezeStats, FrozenImage, GfpFlags, Heap, HeapStats, Obj, Pages, PreservableCache, RawObj,
+    Restored, RestoredCache, SIZE_CLASSES,
 };
 pub use layout::{ArenaConfig, Layout, Region};
 #[cfg(not(miri))]
