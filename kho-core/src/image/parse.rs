@@ -208,6 +208,16 @@ impl<'a> Image<'a> {
     /// returned. The slice need not be aligned and may extend past the
     /// image (as a page-rounded mapping does); bytes after `image_len` are
     /// ignored. The metadata tree is decoded with [`TreeLimits::DEFAULT`].
+    ///
+    /// # Robustness
+    ///
+    /// For any input (FORMAT.md §8): no panic, only a [`ParseError`]
+    /// naming an offset inside the input; memory bounded by a small multiple
+    /// of the input length (the decoded tree, proportional to the TREE
+    /// section, and a fixed table of per-order cursors); time linear in the
+    /// input length (at most 19 orders, see FORMAT.md §6). The
+    /// `image_parse` fuzz target checks these, walking and restoring every
+    /// image that parses.
     pub fn parse(bytes: &'a [u8]) -> ParseResult<Image<'a>> {
         Self::parse_with(bytes, &TreeLimits::DEFAULT)
     }
