@@ -30,6 +30,15 @@ impl Input {
     /// Map `path` read-only.
     pub fn open(path: &Path) -> anyhow::Result<Input> {
         let file = File::open(path).with_context(|| format!("{}: open", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("{}: stat", path.display()))?;
+        if meta.is_dir() {
+            anyhow::bail!(
+                "{}: is a directory, expected an arena or image file",
+                path.display()
+            );
+        }
         let map = ReadOnlyFile::map(&file).with_context(|| format!("{}: map", path.display()))?;
         Ok(Input {
             path: path.to_owned(),
