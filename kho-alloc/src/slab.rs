@@ -144,7 +144,17 @@ impl SlabCache {
         n: usize,
         out: &mut Vec<(u64, u32)>,
     ) -> Result<usize> {
-        let mut g = self.lock();
+        let mut g = if nowait {
+            match self.inner.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(Error::WouldBlock { zone: "slab cache" })
+                }
+            }
+        } else {
+            self.lock()
+        };
         let mut got = 0;
         while got < n {
             let s = match g.partial.last().copied() {
@@ -471,6 +481,20 @@ mod tests {
         assert!(geometry(4097, 8, max).is_err());
         assert!(geometry(64, 3, max).is_err());
         assert!(SlabCache::new(0, "x".repeat(33), 8, 8, max, false).is_err());
+    }
+
+    #[test]
+    fn nowait_never_waits_for_the_cache_lock() {
+        let c = SlabCache::new(0, "t".into(), 64, 8, Order::new(10).unwrap(), true).unwrap();
+        let z = zone();
+        let mut out = Vec::new();
+        let g = c.lock();
+        assert!(matches!(
+            c.alloc_batch(&z, true, 1, &mut out),
+            Err(Error::WouldBlock { .. })
+        ));
+        drop(g);
+        assert_eq!(c.alloc_batch(&z, true, 1, &mut out).unwrap(), 1);
     }
 
     #[test]
