@@ -104,14 +104,34 @@ pub struct Obj {
     slab: u32,
     /// Usable length in bytes.
     len: u32,
-    /// Cache index (slab objects).
-    cache: u16,
-    kind: u8,
-    /// Folio order (large objects).
-    order: u8,
+    /// Cache index (bits 0..16, slab objects), kind (16..24) and folio
+    /// order (24..32, large objects) in one word, so that a handle is
+    /// built with whole-word stores.
+    tag: u32,
+}
+
+/// Pack an [`Obj`] tag.
+#[inline]
+const fn tag(cache: u16, kind: u8, order: u8) -> u32 {
+    cache as u32 | (kind as u32) << 16 | (order as u32) << 24
 }
 
 impl Obj {
+    #[inline]
+    fn cache(&self) -> u16 {
+        self.tag as u16
+    }
+
+    #[inline]
+    fn kind(&self) -> u8 {
+        (self.tag >> 16) as u8
+    }
+
+    #[inline]
+    fn order(&self) -> u8 {
+        (self.tag >> 24) as u8
+    }
+
     /// The object's arena address: what goes into handover metadata.
     #[inline]
     pub fn addr(&self) -> PhysAddr {
@@ -172,9 +192,9 @@ impl Obj {
             heap: self.heap,
             len: self.len,
             meta: u64::from(self.slab)
-                | u64::from(self.cache) << 32
-                | u64::from(self.kind) << 48
-                | u64::from(self.order) << 56,
+                | u64::from(self.cache()) << 32
+                | u64::from(self.kind()) << 48
+                | u64::from(self.order()) << 56,
         }
     }
 
@@ -192,9 +212,11 @@ impl Obj {
             heap: raw.heap,
             slab: raw.meta as u32,
             len: raw.len,
-            cache: (raw.meta >> 32) as u16,
-            kind: (raw.meta >> 48) as u8,
-            order: (raw.meta >> 56) as u8,
+            tag: tag(
+                (raw.meta >> 32) as u16,
+                (raw.meta >> 48) as u8,
+                (raw.meta >> 56) as u8,
+            ),
         }
     }
 }
@@ -464,9 +486,7 @@ impl RestoredCache {
             heap: self.heap,
             slab: s.slab,
             len: self.object_size,
-            cache: self.cache,
-            kind: KIND_SLAB,
-            order: 0,
+            tag: tag(self.cache, KIND_SLAB, 0),
         }
     }
 
@@ -841,9 +861,7 @@ impl Heap {
                     heap: self.shared.id,
                     slab: 0,
                     len: size.max(1) as u32,
-                    cache: 0,
-                    kind: KIND_KFENCE,
-                    order: 0,
+                    tag: tag(0, KIND_KFENCE, 0),
                 });
             }
         }
@@ -898,9 +916,7 @@ impl Heap {
             heap: self.shared.id,
             slab: 0,
             len: size as u32,
-            cache: 0,
-            kind: KIND_LARGE,
-            order: order.get(),
+            tag: tag(0, KIND_LARGE, order.get()),
         };
         // The folio now belongs to the object handle.
         p.leak();
@@ -930,9 +946,7 @@ impl Heap {
             heap: s.id,
             slab,
             len: cache.size,
-            cache: index,
-            kind: KIND_SLAB,
-            order: 0,
+            tag: tag(index, KIND_SLAB, 0),
         })
     }
 
@@ -955,9 +969,7 @@ impl Heap {
                 heap: s.id,
                 slab,
                 len: SIZE_CLASSES[class],
-                cache: class as u16,
-                kind: KIND_SLAB,
-                order: 0,
+                tag: tag(class as u16, KIND_SLAB, 0),
             }),
             // No thread-local storage, or the refill failed: the locked
             // path reports the precise error.
@@ -974,9 +986,11 @@ impl Heap {
         // Fast path: a general size-class object of this heap goes to the
         // thread's magazine. KFENCE, large and preservable objects, and a
         // thread without usable thread-local storage, take `free_slow`.
-        if obj.heap == self.shared.id && obj.kind == KIND_SLAB && usize::from(obj.cache) < NCLASSES
+        if obj.heap == self.shared.id
+            && obj.kind() == KIND_SLAB
+            && usize::from(obj.cache()) < NCLASSES
         {
-            let class = usize::from(obj.cache);
+            let class = usize::from(obj.cache());
             let full = magazine::with(&self.shared, NCLASSES, |tc| {
                 let mag = &mut tc.mags[class];
                 mag.push((obj.addr, obj.slab));
@@ -1011,7 +1025,7 @@ impl Heap {
     #[inline(never)]
     fn free_slow(&self, obj: Obj) -> Result<()> {
         self.check_heap(obj.heap)?;
-        if obj.kind == KIND_KFENCE {
+        if obj.kind() == KIND_KFENCE {
             let k = self.shared.kfence.get().ok_or(Error::NotAllocated {
                 addr: obj.addr,
                 expected: "a KFENCE object",
@@ -1023,14 +1037,14 @@ impl Heap {
             });
         }
         let s = &self.shared;
-        if obj.kind == KIND_LARGE {
-            let order = Order::new(obj.order).unwrap_or(Order::ZERO);
+        if obj.kind() == KIND_LARGE {
+            let order = Order::new(obj.order()).unwrap_or(Order::ZERO);
             return self.free_folio(Folio {
                 pfn: PhysAddr(obj.addr).pfn(),
                 order,
             });
         }
-        let cache = s.cache(obj.cache).ok_or(Error::NotAllocated {
+        let cache = s.cache(obj.cache()).ok_or(Error::NotAllocated {
             addr: obj.addr,
             expected: "an object of a known cache",
         })?;
@@ -1669,7 +1683,7 @@ impl PreservableCache {
 
     /// Free an object of this cache.
     pub fn free(&self, obj: Obj) -> Result<()> {
-        if obj.cache != self.index || obj.kind != KIND_SLAB {
+        if obj.cache() != self.index || obj.kind() != KIND_SLAB {
             return Err(Error::NotAllocated {
                 addr: obj.addr,
                 expected: "an object of this cache",
