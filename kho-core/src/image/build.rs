@@ -68,12 +68,7 @@ impl ImageBuilder {
         self.memmap.clear();
         self.memmap.reserve(map.block_count() * BLOCK_SIZE);
         for b in map.blocks() {
-            let raw = RawBlock {
-                base_pfn: U64::new(b.base.0),
-                order: b.order.get(),
-                reserved: [0; 7],
-                bits: b.words.map(U64::new),
-            };
+            let raw = RawBlock::new(b.base.0, b.order.get(), b.words.map(U64::new));
             self.memmap.extend_from_slice(raw.as_bytes());
         }
         self

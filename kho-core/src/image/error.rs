@@ -256,8 +256,8 @@ pub enum ParseError {
         offset: u64,
         /// The largest order.
         expected: u8,
-        /// The order found.
-        found: u8,
+        /// The order field found (the low 12 bits of the block key).
+        found: u64,
     },
     /// A MEMMAP block whose base is not a multiple of its span.
     #[error("block at {offset:#x}: base pfn {found:#x} is not a multiple of {expected:#x}")]

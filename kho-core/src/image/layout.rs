@@ -84,18 +84,41 @@ pub struct RawSection {
 /// Size of [`RawSection`].
 pub const ENTRY_SIZE: usize = core::mem::size_of::<RawSection>();
 
-/// One MEMMAP bitmap block (FORMAT.md §4.1), 528 bytes.
+/// One MEMMAP bitmap block (FORMAT.md §4.1), 520 bytes.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct RawBlock {
-    /// 0: PFN of the folio bit 0 describes, a multiple of `4096 << order`.
-    pub base_pfn: U64,
-    /// 8: folio order, at most 18.
-    pub order: u8,
-    /// 9: reserved, zero.
-    pub reserved: [u8; 7],
-    /// 16: 4096 bits, bit `i` in word `i / 64` at position `i % 64`.
+    /// 0: `base_pfn | order`. The PFN of the folio bit 0 describes is a
+    /// multiple of `4096 << order`, so its low 12 bits are always zero; they
+    /// hold the folio order (at most 18) instead.
+    pub key: U64,
+    /// 8: 4096 bits, bit `i` in word `i / 64` at position `i % 64`.
     pub bits: [U64; 64],
+}
+
+impl RawBlock {
+    /// The bits of [`key`](Self::key) that hold the order.
+    pub const ORDER_MASK: u64 = 0xfff;
+
+    /// A block for `base_pfn` (a multiple of 4096) and `order`.
+    pub fn new(base_pfn: u64, order: u8, bits: [U64; 64]) -> RawBlock {
+        RawBlock {
+            key: U64::new(base_pfn | u64::from(order)),
+            bits,
+        }
+    }
+
+    /// The PFN of the folio bit 0 describes.
+    #[inline]
+    pub fn base_pfn(&self) -> u64 {
+        self.key.get() & !Self::ORDER_MASK
+    }
+
+    /// The order field, not yet checked against `MAX_MAP_ORDER`.
+    #[inline]
+    pub fn order_field(&self) -> u64 {
+        self.key.get() & Self::ORDER_MASK
+    }
 }
 
 /// Size of [`RawBlock`].
@@ -198,7 +221,7 @@ pub const SLAB_PAGE_SIZE: usize = core::mem::size_of::<RawSlabPage>();
 const _: () = {
     assert!(HEADER_SIZE == 72);
     assert!(ENTRY_SIZE == 32);
-    assert!(BLOCK_SIZE == 528);
+    assert!(BLOCK_SIZE == 520);
     assert!(core::mem::size_of::<RawRange>() == 16);
     assert!(core::mem::size_of::<RawExtent>() == 24);
     assert!(SLAB_HEADER_SIZE == 16);

@@ -423,18 +423,16 @@ impl<'a> Image<'a> {
         let mut prev: Option<(u8, u64)> = None;
         for (i, b) in self.blocks.iter().enumerate() {
             let offset = self.memmap_offset + (i * BLOCK_SIZE) as u64;
-            let order = b.order;
-            if order > MAX_MAP_ORDER {
+            let order_field = b.order_field();
+            if order_field > u64::from(MAX_MAP_ORDER) {
                 return Err(ParseError::BlockOrder {
-                    offset: offset + 8,
+                    offset,
                     expected: MAX_MAP_ORDER,
-                    found: order,
+                    found: order_field,
                 });
             }
-            if b.reserved != [0; 7] {
-                reserved_bytes(&b.reserved, offset + 9)?;
-            }
-            let base = b.base_pfn.get();
+            let order = order_field as u8;
+            let base = b.base_pfn();
             let span = span(order);
             // `span` is a power of two: mask, do not divide.
             if base & (span - 1) != 0 {
@@ -527,19 +525,16 @@ impl<'a> Image<'a> {
                 let higher = &self.blocks[lo_h..hi_h];
                 let mut cursor = 0usize;
                 for (i, b) in lower.iter().enumerate() {
-                    let base = b.base_pfn.get();
+                    let base = b.base_pfn();
                     let end = base + span(o);
                     let hbase = base & !(span(h) - 1);
-                    while higher
-                        .get(cursor)
-                        .is_some_and(|hb| hb.base_pfn.get() < hbase)
-                    {
+                    while higher.get(cursor).is_some_and(|hb| hb.base_pfn() < hbase) {
                         cursor += 1;
                     }
                     let Some(hb) = higher.get(cursor) else {
                         break;
                     };
-                    if hb.base_pfn.get() != hbase {
+                    if hb.base_pfn() != hbase {
                         continue;
                     }
                     // Folios of `h` meeting [base, end).
@@ -680,9 +675,9 @@ impl<'a> Image<'a> {
             }
             let span = span(order);
             let from = first & !(span - 1);
-            let start_bi = blocks.partition_point(|b| b.base_pfn.get() < from);
+            let start_bi = blocks.partition_point(|b| b.base_pfn() < from);
             for b in &blocks[start_bi..] {
-                let base = b.base_pfn.get();
+                let base = b.base_pfn();
                 if base >= end {
                     break;
                 }
@@ -1014,7 +1009,7 @@ impl<'a> Image<'a> {
             let span = span(order.get());
             let base = pfn.0 & !(span - 1);
             let blocks = &self.blocks[lo..hi];
-            if let Ok(bi) = blocks.binary_search_by_key(&base, |b| b.base_pfn.get()) {
+            if let Ok(bi) = blocks.binary_search_by_key(&base, |b| b.base_pfn()) {
                 let idx = (pfn.0 - base) >> order.get();
                 let word = blocks[bi].bits[(idx / 64) as usize].get();
                 if word >> (idx % 64) & 1 != 0 {
@@ -1354,7 +1349,7 @@ impl Iterator for ImageBlocks<'_> {
         let b = self.iter.next()?;
         Some(BlockBits {
             order: self.order,
-            base: Pfn(b.base_pfn.get()),
+            base: Pfn(b.base_pfn()),
             words: core::array::from_fn(|i| b.bits[i].get()),
         })
     }

@@ -252,16 +252,13 @@ impl RawImage {
         out
     }
 
-    /// Encode one MEMMAP block.
+    /// Encode one MEMMAP block. The key is `base_pfn | order`, so a
+    /// `base_pfn` with any of its low 12 bits set changes the order field:
+    /// that is how a test writes an out-of-range order.
     pub fn block(base_pfn: u64, order: u8, bits: &[u64; 64]) -> Vec<u8> {
-        RawBlock {
-            base_pfn: U64::new(base_pfn),
-            order,
-            reserved: [0; 7],
-            bits: bits.map(U64::new),
-        }
-        .as_bytes()
-        .to_vec()
+        RawBlock::new(base_pfn, order, bits.map(U64::new))
+            .as_bytes()
+            .to_vec()
     }
 
     /// Encode one SCRATCH or KFENCE range.

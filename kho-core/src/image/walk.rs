@@ -37,7 +37,7 @@ impl<'a> OrderFolios<'a> {
     fn new(blocks: &'a [RawBlock], first_block: usize, order: Order) -> Self {
         let (word, wbase) = blocks
             .first()
-            .map_or((0, 0), |b| (b.bits[0].get(), b.base_pfn.get()));
+            .map_or((0, 0), |b| (b.bits[0].get(), b.base_pfn()));
         OrderFolios {
             blocks,
             first_block,
@@ -62,13 +62,13 @@ impl<'a> OrderFolios<'a> {
             if wi < BLOCK_WORDS {
                 self.wi = wi;
                 self.word = b.bits[wi].get();
-                self.wbase = b.base_pfn.get() + ((wi as u64 * 64) << self.order.get());
+                self.wbase = b.base_pfn() + ((wi as u64 * 64) << self.order.get());
             } else {
                 self.bi += 1;
                 self.wi = 0;
                 let nb = self.blocks.get(self.bi)?;
                 self.word = nb.bits[0].get();
-                self.wbase = nb.base_pfn.get();
+                self.wbase = nb.base_pfn();
             }
         }
         let bit = u64::from(self.word.trailing_zeros());
@@ -281,7 +281,7 @@ impl<'a> OrderRuns<'a> {
                 } else {
                     self.word &= !(((1u64 << n) - 1) << s);
                 }
-                let base = block.base_pfn.get();
+                let base = block.base_pfn();
                 return Some(Piece {
                     start: base + (start_idx << self.order),
                     end: base + (end_idx << self.order),

@@ -71,7 +71,7 @@ fn the_golden_image_walks_clean() {
 
 #[test]
 fn crc_fixup_reaches_the_contents() {
-    // A changed MEMMAP order byte is caught by the section CRC as given,
+    // A changed MEMMAP order field (key bits 8..12) is caught by the section CRC as given,
     // and by the block check once the CRCs are recomputed.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut bytes = fs::read(root.join("../fixtures/golden/image-v1.bin")).unwrap();
@@ -79,7 +79,7 @@ fn crc_fixup_reaches_the_contents() {
         .unwrap()
         .section(kho_core::SectionKind::Memmap)
         .unwrap();
-    bytes[memmap.offset as usize + 8] = 0xff;
+    bytes[memmap.offset as usize + 1] = 0xff;
     let err = kho_core::Image::parse(&bytes).unwrap_err();
     assert_eq!(err.kind(), "section-crc");
     assert!(image::fix_crcs(&mut bytes));

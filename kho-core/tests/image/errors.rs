@@ -239,15 +239,15 @@ fn cases() -> Vec<(&'static str, Edit, &'static str)> {
             "block-order",
         ),
         (
-            "block reserved",
+            "block order field above 255",
             Box::new(|r: &mut RawImage| {
-                sec(r, SectionKind::Memmap).payload[10] = 1;
+                sec(r, SectionKind::Memmap).payload[1] = 1;
             }),
-            "reserved",
+            "block-order",
         ),
         (
             "block misaligned",
-            memmap(&[RawImage::block(0x1000 + 1, 0, &bits(&[0x300]))]),
+            memmap(&[RawImage::block(0x1000, 2, &bits(&[0x300]))]),
             "block-misaligned",
         ),
         (

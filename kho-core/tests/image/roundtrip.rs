@@ -88,7 +88,7 @@ proptest! {
                 "{}", err
             );
         }
-        prop_assert_eq!(bytes.len() as u64, 72 + 32 + map.block_count() as u64 * 528);
+        prop_assert_eq!(bytes.len() as u64, 72 + 32 + map.block_count() as u64 * 520);
     }
 
     #[test]
