@@ -443,7 +443,9 @@ pub struct PreservableCache {
 /// Objects are handed out lazily from per-slab copies of the allocation
 /// bitmaps, so restoring costs time per slab page, not per object. Each live
 /// object is handed out at most once, by [`take`](Self::take) or
-/// [`into_objects`](Self::into_objects).
+/// [`into_objects`](Self::into_objects). The image records slot strides,
+/// not requested sizes, so a restored handle's [`Obj::len`] is the stride;
+/// the bytes past the requested size were zeroed at allocation.
 #[derive(Debug)]
 pub struct RestoredCache {
     /// Cache name.
