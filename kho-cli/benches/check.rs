@@ -22,7 +22,10 @@ fn arena(size: u64, preserved: u64) -> Vec<u8> {
     let mut map = PreservedMap::new(Pfn(layout.pages));
     map.preserve_folios(Pfn(start), folio, count)
         .expect("preserve");
-    let mut bytes = vec![0u8; size as usize];
+    // Write every page so the arena is backed by real memory, not the
+    // shared zero page a fresh allocation reads from.
+    let mut bytes = vec![0xffu8; size as usize];
+    bytes.fill(0);
     let mut extents = Vec::new();
     for i in 0..count {
         let at = (start + i * folio.pages()) * PAGE_SIZE;
@@ -53,6 +56,15 @@ fn arena(size: u64, preserved: u64) -> Vec<u8> {
     };
     let raw = sb.encode();
     bytes[..raw.as_bytes().len()].copy_from_slice(raw.as_bytes());
+    // Slot 1 as a fresh format leaves it: valid, older, no image.
+    let old = Superblock {
+        generation: 0,
+        image: None,
+        ..sb
+    }
+    .encode();
+    let at = PAGE_SIZE as usize;
+    bytes[at..at + old.as_bytes().len()].copy_from_slice(old.as_bytes());
     bytes
 }
 
@@ -61,7 +73,7 @@ fn bench(c: &mut Criterion) {
     let bytes = arena(size, 64 << 20);
     let opts = CheckOptions::default();
     let report = check_arena(&bytes, &opts, &mut |_, _| {}).expect("check");
-    assert!(report.is_clean());
+    assert!(report.is_clean(), "{:?}", report.findings);
     let mut g = c.benchmark_group("check");
     g.sample_size(20);
     g.throughput(Throughput::Bytes(size));
