@@ -56,7 +56,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         let b = bar.get_or_insert_with(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             if let Ok(s) = ProgressStyle::with_template(
-                "checking {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                "checking {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
             ) {
                 b.set_style(s);
             }
