@@ -25,6 +25,7 @@ use crate::layout::{Layout, Region};
 use crate::magazine;
 use crate::slab::{SlabCache, MAX_OBJECT_SIZE};
 use crate::superblock::ImageLocation;
+use kho_core::image::layout::BLOCK_SIZE;
 
 /// GFP-style allocation flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -573,13 +574,6 @@ impl Restored {
         let i = self.folios.iter().position(|p| p.folio.pfn == pfn)?;
         Some(self.folios.swap_remove(i))
     }
-}
-
-fn image_folio(loc: &ImageLocation) -> Option<Folio> {
-    let pfn = PhysAddr(loc.offset).aligned_pfn()?;
-    let pages = loc.len.div_ceil(PAGE_SIZE).max(1);
-    let order = Order::new(u8::try_from(64 - (pages - 1).leading_zeros()).ok()?)?;
-    pfn.is_aligned(order).then_some(Folio { pfn, order })
 }
 
 impl Heap {
@@ -1333,7 +1327,6 @@ impl Heap {
                 i = j;
             }
         }
-        stats.preserved_folios = map.folio_count();
         let generation = s.arena.generation().wrapping_add(1);
         let mut builder = ImageBuilder::new(layout.size())
             .generation(generation)
@@ -1345,19 +1338,30 @@ impl Heap {
         if let Some(t) = tree {
             builder = builder.tree(t);
         }
-        let len = builder.encoded_len();
-        let npages = len.div_ceil(PAGE_SIZE).max(1);
+        // The image lives in a folio that its own MEMMAP preserves, so a
+        // successor claims it like any other preserved folio and a checker
+        // can prove it lies in preserved memory. Preserving one more folio
+        // adds at most one bitmap block, so size the folio for that first.
+        let bound = builder.encoded_len() + BLOCK_SIZE as u64;
+        let npages = bound.div_ceil(PAGE_SIZE).max(1);
         let order = u8::try_from(64 - (npages - 1).leading_zeros())
             .ok()
             .and_then(Order::new)
             .filter(|o| *o <= layout.max_order)
             .ok_or(Error::BadSize {
-                size: len,
+                size: bound,
                 align: PAGE_SIZE,
                 max: layout.max_order.bytes(),
             })?;
         let pfn = s.general.alloc(order, false)?;
         let folio = Folio { pfn, order };
+        if let Err(e) = map.preserve(pfn, order) {
+            let _ = s.general.free(pfn, false);
+            return Err(e.into());
+        }
+        builder = builder.memmap(&map);
+        let len = builder.encoded_len();
+        debug_assert!(len <= order.bytes());
         let written = (|| {
             // SAFETY:
             // - The folio was just taken from the general zone; no handle
@@ -1374,6 +1378,7 @@ impl Heap {
             }
         };
         stats.image_len = len;
+        stats.preserved_folios = map.folio_count();
         Ok(FrozenImage {
             location: ImageLocation {
                 offset: folio.addr().0,
@@ -1466,12 +1471,22 @@ impl Heap {
                 found: u64::from(image.header().page_shift),
             });
         }
-        let img_folio = image_folio(&loc).ok_or(Error::Inconsistent {
-            addr: loc.offset,
-            what: "image location not a folio",
-            expected: PAGE_SIZE,
-            found: loc.offset % PAGE_SIZE,
-        })?;
+        // The image must lie in a folio its own MEMMAP preserves, headed at
+        // the image's first page and covering all of it; the loop below
+        // claims it with the other preserved folios.
+        let img_folio = PhysAddr(loc.offset)
+            .aligned_pfn()
+            .and_then(|pfn| image.is_preserved(pfn))
+            .filter(|&(head, order)| {
+                head.addr() == Some(PhysAddr(loc.offset)) && order.bytes() >= loc.len
+            })
+            .map(|(pfn, order)| Folio { pfn, order })
+            .ok_or(Error::Inconsistent {
+                addr: loc.offset,
+                what: "image not in a preserved folio headed at its first page",
+                expected: loc.len,
+                found: 0,
+            })?;
         if !shared.general.contains(img_folio.pfn) {
             return Err(Error::Inconsistent {
                 addr: loc.offset,
@@ -1480,7 +1495,6 @@ impl Heap {
                 found: img_folio.pfn.0,
             });
         }
-        shared.general.claim(img_folio.pfn, img_folio.order)?;
         *lock(&shared.image) = Some(img_folio);
 
         let mut restorer = Restorer::new(&image);
@@ -1616,7 +1630,7 @@ impl Heap {
         slab_pfns.sort_unstable();
         let folios = image
             .folios()
-            .filter(|f| slab_pfns.binary_search(&f.pfn).is_err())
+            .filter(|f| f.pfn != img_folio.pfn && slab_pfns.binary_search(&f.pfn).is_err())
             .map(|folio| Pages { folio, heap: id })
             .collect();
         let restored = Restored {

@@ -400,3 +400,45 @@ fn discard_and_recommit_free_image_pages() {
     assert!(matches!(heap.commit(f), Err(Error::WrongHeap { .. })));
     let _ = Pfn(0);
 }
+
+/// The image lies in a folio that its own MEMMAP preserves (headed at the
+/// image's first page, covering it); restore claims that folio for the heap
+/// and does not hand it to subsystems; an image outside preserved memory is
+/// refused.
+#[test]
+fn the_image_lies_in_a_folio_it_preserves() {
+    let heap = Heap::new(Arena::anonymous(&cfg()).unwrap()).unwrap();
+    let written = write_state(&heap);
+    let loc = heap.current_image().unwrap();
+    let arena = heap.into_arena().unwrap();
+    let image_bytes = arena.image_bytes().unwrap().to_vec();
+    let image = Image::parse(&image_bytes).unwrap();
+    let head = PhysAddr(loc.offset).aligned_pfn().unwrap();
+    let (found, order) = image.is_preserved(head).expect("image folio preserved");
+    assert_eq!(found, head);
+    assert!(order.bytes() >= loc.len);
+    let (_heap, restored) = Heap::restore(arena).unwrap();
+    assert!(restored.folios.iter().all(|p| p.folio().pfn != head));
+    assert!(restored.folios.iter().any(|p| p.range() == written.folio));
+}
+
+#[test]
+fn restore_refuses_an_image_outside_preserved_memory() {
+    let mut arena = Arena::anonymous(&cfg()).unwrap();
+    let layout = *arena.layout();
+    // A valid image that preserves nothing, written into general memory.
+    let bytes = ImageBuilder::new(layout.size()).build().unwrap();
+    let at = layout.general.start.addr().unwrap();
+    arena.write(at, &bytes).unwrap();
+    arena
+        .commit_image(kho_alloc::ImageLocation {
+            offset: at.0,
+            len: bytes.len() as u64,
+            crc: crc32fast::hash(&bytes),
+        })
+        .unwrap();
+    match Heap::restore(arena) {
+        Err(Error::Inconsistent { addr, .. }) => assert_eq!(addr, at.0),
+        other => panic!("expected Inconsistent, got {:?}", other.map(|_| ())),
+    }
+}
