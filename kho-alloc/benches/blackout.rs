@@ -64,7 +64,11 @@ fn attach(session: &mut Session, heap: &Heap) {
 fn first() -> Live {
     let arena =
         Arena::create_memfd("kho-blackout", &ArenaConfig::with_size(4 << 30)).expect("arena");
-    let fd = arena.inheritable_fd().expect("fd");
+    // A descriptor of the memfd that outlives every arena of the run, for
+    // each successor to reopen the same memory through `/proc/self/fd`.
+    let keep = arena.file().expect("memfd").try_clone().expect("dup");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&keep);
+    std::mem::forget(keep);
     let heap = Heap::new(arena).expect("heap");
     let mut kv = KvStore::new(&heap, kv_cfg()).expect("store");
     let mut v = vec![0u8; VALUE as usize];
