@@ -124,6 +124,9 @@ fn print_report(r: &DemoReport) {
     for w in &r.checks.warnings {
         println!("    warning: {w}");
     }
+    for e in &r.checks.expected {
+        println!("    expected: {e}");
+    }
     println!(
         "  result           {}",
         if r.passed() {
