@@ -20,6 +20,17 @@ pub(crate) struct Located {
     pub bit: u64,
 }
 
+/// Bit `i` set when word `i` of `b` is non-zero. Branch-free, so sparse
+/// blocks (a few scattered bits) cost no mispredicted branch per word.
+#[inline(always)]
+fn nonzero_words(b: &RawBlock) -> u64 {
+    let mut mask = 0u64;
+    for (i, w) in b.bits.iter().enumerate() {
+        mask |= u64::from(w.get() != 0) << i;
+    }
+    mask
+}
+
 /// One order's folios, lowest first.
 #[derive(Clone)]
 struct OrderFolios<'a> {
@@ -29,47 +40,40 @@ struct OrderFolios<'a> {
     bi: usize,
     wi: usize,
     word: u64,
+    /// Non-zero words of block `bi` not yet loaded into `word`.
+    wmask: u64,
     /// PFN described by bit 0 of `word`.
     wbase: u64,
 }
 
 impl<'a> OrderFolios<'a> {
     fn new(blocks: &'a [RawBlock], first_block: usize, order: Order) -> Self {
-        let (word, wbase) = blocks
-            .first()
-            .map_or((0, 0), |b| (b.bits[0].get(), b.base_pfn()));
         OrderFolios {
             blocks,
             first_block,
             order,
             bi: 0,
             wi: 0,
-            word,
-            wbase,
+            word: 0,
+            wmask: blocks.first().map_or(0, nonzero_words),
+            wbase: 0,
         }
     }
 
     #[inline(always)]
     fn next(&mut self) -> Option<Located> {
         while self.word == 0 {
-            let b = self.blocks.get(self.bi)?;
-            // Skip empty words with a tight scan; sparse maps are mostly
-            // zero words.
-            let mut wi = self.wi + 1;
-            while wi < BLOCK_WORDS && b.bits[wi].get() == 0 {
-                wi += 1;
-            }
-            if wi < BLOCK_WORDS {
-                self.wi = wi;
-                self.word = b.bits[wi].get();
-                self.wbase = b.base_pfn() + ((wi as u64 * 64) << self.order.get());
-            } else {
+            if self.wmask == 0 {
                 self.bi += 1;
-                self.wi = 0;
-                let nb = self.blocks.get(self.bi)?;
-                self.word = nb.bits[0].get();
-                self.wbase = nb.base_pfn();
+                self.wmask = nonzero_words(self.blocks.get(self.bi)?);
+                continue;
             }
+            let wi = self.wmask.trailing_zeros() as usize;
+            self.wmask &= self.wmask - 1;
+            let b = self.blocks.get(self.bi)?;
+            self.wi = wi;
+            self.word = b.bits[wi].get();
+            self.wbase = b.base_pfn() + ((wi as u64 * 64) << self.order.get());
         }
         let bit = u64::from(self.word.trailing_zeros());
         self.word &= self.word - 1;
