@@ -849,16 +849,11 @@ impl Heap {
     /// KFENCE sampling hook belongs at its top (never for `PRESERVE`).
     #[inline]
     pub fn alloc(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
-        if let Some(k) = self.shared.kfence.get() {
-            let preserve = flags.contains(GfpFlags::PRESERVE);
-            if let Some(addr) = k.alloc_phys(size.max(1), 8, preserve) {
-                return Ok(Obj {
-                    addr: addr.raw(),
-                    heap: self.shared.id,
-                    slab: 0,
-                    len: size.max(1) as u32,
-                    tag: tag(0, KIND_KFENCE, 0),
-                });
+        // Unsampled fast path: one relaxed load of the process-wide "some
+        // gate is open" count, before touching this heap's sampler.
+        if kfence::may_sample() {
+            if let Some(obj) = self.alloc_sampled(size, flags) {
+                return Ok(obj);
             }
         }
         if size > MAX_OBJECT_SIZE as usize {
@@ -880,6 +875,22 @@ impl Heap {
             self.zero_slack(&obj, SIZE_CLASSES[class])?;
         }
         Ok(obj)
+    }
+
+    /// Try the KFENCE sampler; `None` when it has no sampler, the gate is
+    /// closed, or the request is not eligible (`PRESERVE`).
+    #[inline(never)]
+    fn alloc_sampled(&self, size: usize, flags: GfpFlags) -> Option<Obj> {
+        let k = self.shared.kfence.get()?;
+        let preserve = flags.contains(GfpFlags::PRESERVE);
+        let addr = k.alloc_phys(size.max(1), 8, preserve)?;
+        Some(Obj {
+            addr: addr.raw(),
+            heap: self.shared.id,
+            slab: 0,
+            len: size.max(1) as u32,
+            tag: tag(0, KIND_KFENCE, 0),
+        })
     }
 
     /// Zero the bytes between a preservable object's length and its
