@@ -20,8 +20,9 @@ use kho_core::{
 
 /// Parse `data` as is, then with its CRCs recomputed; walk what parses.
 pub fn run(data: &[u8]) {
-    if let Ok(image) = Image::parse(data) {
-        walk(&image);
+    match Image::parse(data) {
+        Ok(image) => walk(&image),
+        Err(e) => assert_clean_error(&e, data.len()),
     }
     let mut fixed = data.to_vec();
     if fix_crcs(&mut fixed) {
