@@ -36,3 +36,9 @@ pub use memmap::{
 pub use tree::{
     Node, NodeRef, Property, Tree, TreeError, TreeLimits, TreeResult, Value, TREE_VERSION,
 };
+
+/// The library example of the repository's README, run as a doc test so
+/// that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
