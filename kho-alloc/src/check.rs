@@ -12,8 +12,9 @@
 //!
 //! 1. superblock slots (`KHO-B…`): a bad slot, slots that disagree, an
 //!    image whose bytes no longer match the slot's CRC;
-//! 2. image placement (`KHO-I…`): the image must lie in general memory,
-//!    share no page with preserved folios, and describe this arena;
+//! 2. image placement (`KHO-I…`): the image must lie in one folio its
+//!    own MEMMAP preserves, headed at the image's first page, in general
+//!    memory, and describe this arena;
 //! 3. layout (`KHO-P…`, `KHO-K…`): preserved memory against the arena's
 //!    own scratch and KFENCE regions (the image's SCRATCH and KFENCE
 //!    sections are compared too, so an image that lies about them is
@@ -154,12 +155,12 @@ pub const CODES: &[Code] = &[
     code(
         "KHO-I001",
         Severity::Error,
-        "image lies outside general memory",
+        "image not inside preserved memory",
     ),
     code(
         "KHO-I002",
         Severity::Error,
-        "image shares pages with preserved folios",
+        "image lies outside general memory",
     ),
     code(
         "KHO-I003",
@@ -724,16 +725,6 @@ impl<'i, 'a> Run<'i, 'a> {
         }
     }
 
-    /// The first preserved byte of `range`, if any.
-    fn first_preserved(&self, range: PhysRange) -> Option<u64> {
-        let (first, end) = range.pfns()?;
-        let i = self.runs.partition_point(|r| r.end <= first);
-        let r = self.runs.get(i)?;
-        (r.start < end)
-            .then(|| r.start.max(first).0 << PAGE_SHIFT)
-            .map(|a| a.max(range.start))
-    }
-
     /// The first byte of `range` that is not preserved, if any.
     fn first_unpreserved(&self, range: PhysRange) -> Option<u64> {
         let (first, end) = range.pfns()?;
@@ -745,9 +736,54 @@ impl<'i, 'a> Run<'i, 'a> {
     }
 
     /// KHO-I001..I003.
+    ///
+    /// The image must lie inside preserved memory: in one folio of its own
+    /// MEMMAP, headed at the image's first page and covering all of it (the
+    /// folio a successor claims before anything else, and the only shape
+    /// restore accepts). That folio must lie in general memory: scratch is
+    /// where the successor allocates before it restores, the KFENCE pool is
+    /// reused by the sampler, and the preservable pool and superblock pages
+    /// are not image pages.
     fn placement(&mut self) {
         let Some(a) = self.arena else { return };
         let img = PhysRange::new(PhysAddr(a.image.offset), a.image.len);
+        if let Some(at) = self.first_unpreserved(img) {
+            self.findings.push(single(
+                "KHO-I001",
+                img,
+                format!(
+                    "image {img} is not inside preserved memory: the page at {at:#x} is in no folio of the image's MEMMAP, so a successor may reuse it before reading the image"
+                ),
+            ));
+        } else if let Some(first) = PhysAddr(a.image.offset).aligned_pfn() {
+            match self.image.is_preserved(first) {
+                Some((head, order)) if head == first && order.bytes() >= img.len => {}
+                Some((head, order)) => self.findings.push(single(
+                    "KHO-I001",
+                    img,
+                    format!(
+                        "image {img} is preserved, but not by one folio headed at its first page (the folio there is order {} at {:#x}); restore claims the image as one such folio",
+                        order,
+                        head.0 << PAGE_SHIFT
+                    ),
+                )),
+                // Unreachable after first_unpreserved found every page
+                // preserved; reported rather than assumed.
+                None => self.findings.push(single(
+                    "KHO-I001",
+                    img,
+                    format!("image {img} is not inside preserved memory: its first page is in no folio of the image's MEMMAP"),
+                )),
+            }
+        } else {
+            self.findings.push(single(
+                "KHO-I001",
+                img,
+                format!(
+                    "image {img} does not start on a page boundary, so no preserved folio is headed at it"
+                ),
+            ));
+        }
         if let Some((first, end)) = img.pfns() {
             let general = a.layout.general;
             if first < general.start || end > general.end {
@@ -761,21 +797,14 @@ impl<'i, 'a> Run<'i, 'a> {
                     .region_of(pfn)
                     .map_or("outside the arena", Region::name);
                 self.findings.push(single(
-                    "KHO-I001",
+                    "KHO-I002",
                     img,
                     format!(
-                        "image {img} lies partly in {region} memory (page {:#x}); a successor may reuse it before reading the image",
+                        "image {img} lies partly in {region} memory (page {:#x}); only general memory may hold the image",
                         pfn.0
                     ),
                 ));
             }
-        }
-        if let Some(at) = self.first_preserved(img) {
-            self.findings.push(single(
-                "KHO-I002",
-                img,
-                format!("image {img} shares the page at {at:#x} with a preserved folio; restoring that folio hands the image's bytes to a subsystem"),
-            ));
         }
         let size = self.image.arena_size();
         if size != a.layout.size() {
@@ -1142,6 +1171,9 @@ mod tests {
         writes: Vec<(u64, Vec<u8>)>,
         image_at: u64,
         image_size: u64,
+        /// Preserve the image's own folio (at `image_at`, of the least
+        /// order covering the image) in the MEMMAP, as freeze does.
+        image_folio: bool,
     }
 
     fn pa(pfn: Pfn) -> u64 {
@@ -1165,6 +1197,7 @@ mod tests {
                 writes: Vec::new(),
                 image_at: pa(layout.general.start) + 32 * PAGE_SIZE,
                 image_size: SIZE,
+                image_folio: true,
             };
             t.slab(layout.preservable.start, &[0, 2]);
             let g = layout.general.start;
@@ -1200,10 +1233,35 @@ mod tests {
             self.slabs.sort_by_key(|p| p.pfn);
         }
 
+        /// The order of the image folio for an image of `len` bytes.
+        fn order_for(len: u64) -> Order {
+            let pages = len.div_ceil(PAGE_SIZE).max(1);
+            Order::new(u8::try_from(64 - (pages - 1).leading_zeros()).unwrap()).unwrap()
+        }
+
+        /// The image, with its own folio preserved when `image_folio`
+        /// (grown until the folio covers the image it is listed in).
         fn image(&self) -> Vec<u8> {
+            let mut image = self.image_with(&self.map);
+            if !self.image_folio {
+                return image;
+            }
+            let pfn = Pfn(self.image_at / PAGE_SIZE);
+            loop {
+                let order = Self::order_for(image.len() as u64);
+                let mut map = self.map.clone();
+                map.preserve(pfn, order).unwrap();
+                image = self.image_with(&map);
+                if image.len() as u64 <= order.bytes() {
+                    return image;
+                }
+            }
+        }
+
+        fn image_with(&self, map: &PreservedMap) -> Vec<u8> {
             let mut b = ImageBuilder::new(self.image_size)
                 .generation(2)
-                .memmap(&self.map)
+                .memmap(map)
                 .scratch(
                     self.scratch
                         .clone()
@@ -1291,8 +1349,10 @@ mod tests {
         assert_eq!(r.slot, Some((1, 2)));
         // 61 free slots + 64-byte tail of the slab page, and the order-1
         // folio minus its 100-byte extent.
+        // The image's own order-0 folio is preserved but not scanned.
         assert_eq!(r.stats.scanned_bytes, 61 * 64 + 64 + (8192 - 100));
-        assert_eq!(calls.last(), Some(&(3 * 4096, 3 * 4096)));
+        assert_eq!(r.stats.folios, 3);
+        assert_eq!(calls.last(), Some(&(4 * 4096, 4 * 4096)));
     }
 
     #[test]
@@ -1418,14 +1478,57 @@ mod tests {
 
     #[test]
     fn image_placement() {
+        // I001: the image's pages are in no folio of its MEMMAP.
         let mut t = T::new();
-        t.image_at = pa(t.layout.preservable.start) + 8 * PAGE_SIZE;
-        assert_eq!(codes(&run(&t.bytes())), ["KHO-I001"]);
+        t.image_folio = false;
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I001"]);
+        assert!(find(&r, "KHO-I001")
+            .message
+            .contains(&format!("page at {:#x}", t.image_at)));
+        // I001: preserved, but its first page is not a folio head (the
+        // image starts one page into an order-2 folio).
         let mut t = T::new();
+        t.image_folio = false;
+        let head = Pfn(t.image_at / PAGE_SIZE);
+        t.map.preserve(head, Order::new(2).unwrap()).unwrap();
+        t.image_at += PAGE_SIZE;
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I001"]);
+        assert!(find(&r, "KHO-I001").message.contains("not by one folio"));
+        // I001: only part of the image is preserved: an order-0 folio at
+        // its head, the image being made longer than a page.
+        let mut t = T::new();
+        t.image_folio = false;
+        if let Some(tree) = &mut t.tree {
+            tree.root_mut()
+                .set_prop("blob", Value::Bytes(vec![0x5a; PAGE_SIZE as usize]));
+        }
         t.map
             .preserve(Pfn(t.image_at / PAGE_SIZE), Order::ZERO)
             .unwrap();
-        assert_eq!(codes(&run(&t.bytes())), ["KHO-I002"]);
+        assert!(t.image().len() as u64 > PAGE_SIZE);
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I001"]);
+        assert!(find(&r, "KHO-I001")
+            .message
+            .contains(&format!("page at {:#x}", t.image_at + PAGE_SIZE)));
+        // I002: the image (and its preserved folio) in the preservable
+        // pool.
+        let mut t = T::new();
+        t.image_at = pa(t.layout.preservable.start) + 8 * PAGE_SIZE;
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I002"]);
+        assert!(find(&r, "KHO-I002").message.contains("preservable"));
+        // I001 and I002: in scratch, where the image's own SCRATCH section
+        // forbids preserving its folio.
+        let mut t = T::new();
+        t.image_at = pa(t.layout.scratch.start);
+        t.image_folio = false;
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I001", "KHO-I002"]);
+        assert!(find(&r, "KHO-I002").message.contains("scratch"));
+        // I003.
         let mut t = T::new();
         t.image_size = 2 * SIZE;
         assert_eq!(codes(&run(&t.bytes())), ["KHO-I003"]);

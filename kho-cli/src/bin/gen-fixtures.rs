@@ -80,6 +80,9 @@ struct Fx {
     image_at: Pfn,
     /// Arena size written into the image header.
     image_arena_size: u64,
+    /// Preserve the image's own folio (at `image_at`, of the least order
+    /// covering the image) in its MEMMAP, as the heap's freeze does.
+    image_folio: bool,
 }
 
 impl Fx {
@@ -92,8 +95,9 @@ impl Fx {
     }
 
     /// The clean state: two preservable caches with live objects, one
-    /// preserved general folio with a declared extent, and a metadata tree
-    /// pointing into both.
+    /// preserved general folio with a declared extent, a metadata tree
+    /// pointing into both, and the image in general memory (page 40) in a
+    /// folio its own MEMMAP preserves.
     fn clean() -> Result<Fx> {
         let layout = Self::layout()?;
         let mut fx = Fx {
@@ -108,6 +112,7 @@ impl Fx {
             writes: Vec::new(),
             image_at: Pfn(layout.general.start.0 + 16),
             image_arena_size: ARENA_SIZE,
+            image_folio: true,
         };
         fx.caches = vec![
             SlabCacheInfo {
@@ -173,7 +178,16 @@ impl Fx {
         });
     }
 
+    /// The image, with its own folio preserved when `image_folio`.
     fn image(&self) -> Result<Vec<u8>> {
+        if self.image_folio {
+            with_image_folio(&self.map, self.image_at, |m| self.image_with(m))
+        } else {
+            self.image_with(&self.map)
+        }
+    }
+
+    fn image_with(&self, map: &PreservedMap) -> Result<Vec<u8>> {
         let pages: Vec<SlabPageInfo> = self
             .slabs
             .iter()
@@ -195,7 +209,7 @@ impl Fx {
             .collect();
         let mut b = ImageBuilder::new(self.image_arena_size)
             .generation(2)
-            .memmap(&self.map)
+            .memmap(map)
             .scratch(
                 self.scratch
                     .clone()
@@ -233,6 +247,35 @@ impl Fx {
             crc: crc32(image),
         })?;
         Ok(())
+    }
+}
+
+/// The least order whose folio holds `len` bytes.
+fn order_for(len: u64) -> Result<Order> {
+    let pages = len.div_ceil(PAGE_SIZE).max(1);
+    u8::try_from(64 - (pages - 1).leading_zeros())
+        .ok()
+        .and_then(Order::new)
+        .with_context(|| format!("no folio order holds {len} bytes"))
+}
+
+/// Build an image whose MEMMAP is `map` plus the image's own folio at
+/// `at`, of the least order that covers the image it is listed in (the
+/// folio is grown until it does, as listing it can lengthen the image).
+fn with_image_folio(
+    map: &PreservedMap,
+    at: Pfn,
+    build: impl Fn(&PreservedMap) -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let mut image = build(map)?;
+    loop {
+        let order = order_for(image.len() as u64)?;
+        let mut own = map.clone();
+        own.preserve(at, order)?;
+        image = build(&own)?;
+        if image.len() as u64 <= order.bytes() {
+            return Ok(image);
+        }
     }
 }
 
@@ -384,18 +427,20 @@ const FIXTURES: &[(&str, Gen)] = &[
             Ok(())
         })
     }),
-    // KHO-I001: the image lies in the preservable pool, which the
-    // successor hands out before it reads the image.
-    ("image-outside-general.arena", |p| {
+    // KHO-I001: the image lies in general memory, but its MEMMAP does not
+    // preserve the image's own folio, so a successor may reuse its pages
+    // before reading it.
+    ("image-not-preserved.arena", |p| {
         arena_variant(p, |fx| {
-            fx.image_at = fx.pfn(Region::Preservable, 8);
+            fx.image_folio = false;
             Ok(())
         })
     }),
-    // KHO-I002: the image's page is also a preserved folio.
-    ("image-preserved.arena", |p| {
+    // KHO-I002: the image (and its preserved folio) lies in the
+    // preservable pool instead of general memory.
+    ("image-outside-general.arena", |p| {
         arena_variant(p, |fx| {
-            fx.map.preserve(fx.image_at, Order::ZERO)?;
+            fx.image_at = fx.pfn(Region::Preservable, 8);
             Ok(())
         })
     }),
@@ -453,7 +498,7 @@ const FIXTURES: &[(&str, Gen)] = &[
             let root = t.root_mut();
             root.set_prop(
                 "orphan",
-                kho_core::Value::Range(PhysRange::new(addr(Pfn(40)), 128)),
+                kho_core::Value::Range(PhysRange::new(addr(Pfn(48)), 128)),
             );
             root.set_prop(
                 "beyond",
@@ -600,14 +645,18 @@ fn bench_arena(path: &Path, size: u64, preserved: u64) -> Result<()> {
             tag: 1,
         });
     }
-    let image = ImageBuilder::new(layout.size())
-        .generation(2)
-        .memmap(&map)
-        .scratch(vec![layout.bytes_of(Region::Scratch)])
-        .kfence(vec![layout.bytes_of(Region::Kfence)])
-        .extents(extents)
-        .build()?;
-    let at = addr(Pfn(start + count * folio.pages()));
+    // The image goes in its own preserved folio after the data folios.
+    let image_pfn = Pfn(start + count * folio.pages());
+    let image = with_image_folio(&map, image_pfn, |m| {
+        Ok(ImageBuilder::new(layout.size())
+            .generation(2)
+            .memmap(m)
+            .scratch(vec![layout.bytes_of(Region::Scratch)])
+            .kfence(vec![layout.bytes_of(Region::Kfence)])
+            .extents(extents.clone())
+            .build()?)
+    })?;
+    let at = addr(image_pfn);
     arena.write(at, &image)?;
     arena.commit_image(ImageLocation {
         offset: at.0,
