@@ -1233,12 +1233,6 @@ mod tests {
             self.slabs.sort_by_key(|p| p.pfn);
         }
 
-        /// The order of the image folio for an image of `len` bytes.
-        fn order_for(len: u64) -> Order {
-            let pages = len.div_ceil(PAGE_SIZE).max(1);
-            Order::new(u8::try_from(64 - (pages - 1).leading_zeros()).unwrap()).unwrap()
-        }
-
         /// The image, with its own folio preserved when `image_folio`
         /// (grown until the folio covers the image it is listed in).
         fn image(&self) -> Vec<u8> {
@@ -1248,7 +1242,7 @@ mod tests {
             }
             let pfn = Pfn(self.image_at / PAGE_SIZE);
             loop {
-                let order = Self::order_for(image.len() as u64);
+                let order = Order::covering(image.len() as u64).unwrap();
                 let mut map = self.map.clone();
                 map.preserve(pfn, order).unwrap();
                 image = self.image_with(&map);

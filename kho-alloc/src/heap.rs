@@ -1354,10 +1354,7 @@ impl Heap {
         // can prove it lies in preserved memory. Preserving one more folio
         // adds at most one bitmap block, so size the folio for that first.
         let bound = builder.encoded_len() + BLOCK_SIZE as u64;
-        let npages = bound.div_ceil(PAGE_SIZE).max(1);
-        let order = u8::try_from(64 - (npages - 1).leading_zeros())
-            .ok()
-            .and_then(Order::new)
+        let order = Order::covering(bound)
             .filter(|o| *o <= layout.max_order)
             .ok_or(Error::BadSize {
                 size: bound,

@@ -35,14 +35,29 @@ fn arena(size: u64, preserved: u64) -> Vec<u8> {
             tag: 1,
         });
     }
-    let image = ImageBuilder::new(size)
-        .memmap(&map)
-        .scratch(vec![layout.bytes_of(Region::Scratch)])
-        .kfence(vec![layout.bytes_of(Region::Kfence)])
-        .extents(extents)
-        .build()
-        .expect("image");
-    let at = (start + count * folio.pages()) * PAGE_SIZE;
+    // The image lies in a folio its own MEMMAP preserves, right after the
+    // data folios, as the commit protocol places it.
+    let image_pfn = start + count * folio.pages();
+    let build = |map: &PreservedMap| {
+        ImageBuilder::new(size)
+            .memmap(map)
+            .scratch(vec![layout.bytes_of(Region::Scratch)])
+            .kfence(vec![layout.bytes_of(Region::Kfence)])
+            .extents(extents.clone())
+            .build()
+            .expect("image")
+    };
+    let mut order = Order::covering(build(&map).len() as u64).expect("order");
+    let image = loop {
+        let mut own = map.clone();
+        own.preserve(Pfn(image_pfn), order).expect("preserve image");
+        let image = build(&own);
+        match Order::covering(image.len() as u64).expect("order") {
+            o if o <= order => break image,
+            o => order = o,
+        }
+    };
+    let at = image_pfn * PAGE_SIZE;
     bytes[at as usize..at as usize + image.len()].copy_from_slice(&image);
     let sb = Superblock {
         layout,

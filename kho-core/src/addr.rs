@@ -195,6 +195,23 @@ impl Order {
             Order(log as u8)
         }
     }
+
+    /// The smallest order whose folio holds `bytes` bytes (order 0 for
+    /// zero bytes), or `None` if even a [`MAX_MAP_ORDER`] folio is too
+    /// small.
+    #[inline]
+    pub const fn covering(bytes: u64) -> Option<Order> {
+        let pages = bytes.div_ceil(PAGE_SIZE);
+        if pages <= 1 {
+            return Some(Order(0));
+        }
+        let log = 64 - (pages - 1).leading_zeros();
+        if log > MAX_MAP_ORDER as u32 {
+            None
+        } else {
+            Some(Order(log as u8))
+        }
+    }
 }
 
 /// A byte range `[start, start + len)` inside an arena. Used for scratch and
@@ -371,5 +388,20 @@ mod tests {
         assert_eq!(Order::fitting(1), Order::ZERO);
         assert_eq!(Order::fitting(1023).get(), 9);
         assert_eq!(Order::fitting(u64::MAX), Order::MAX);
+    }
+
+    #[test]
+    fn covering_is_the_least_order_that_holds() {
+        assert_eq!(Order::covering(0), Some(Order::ZERO));
+        assert_eq!(Order::covering(1), Some(Order::ZERO));
+        assert_eq!(Order::covering(PAGE_SIZE), Some(Order::ZERO));
+        assert_eq!(Order::covering(PAGE_SIZE + 1).map(Order::get), Some(1));
+        assert_eq!(Order::covering(3 * PAGE_SIZE).map(Order::get), Some(2));
+        assert_eq!(Order::covering(Order::MAX.bytes()), Some(Order::MAX));
+        assert_eq!(Order::covering(Order::MAX.bytes() + 1), None);
+        assert_eq!(Order::covering(u64::MAX), None);
+        for o in Order::all() {
+            assert_eq!(Order::covering(o.bytes()), Some(o));
+        }
     }
 }

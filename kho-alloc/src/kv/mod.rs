@@ -37,7 +37,7 @@ pub mod demo;
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use kho_core::{Folio, Node, Order, PhysRange, PAGE_SIZE};
+use kho_core::{Folio, Node, Order, PhysRange};
 
 use crate::epoch::Cleanup;
 use crate::heap::{GfpFlags, Heap, Pages, Restored};
@@ -140,9 +140,7 @@ struct Geometry {
 }
 
 fn order_for(bytes: u64, max: Order) -> Order {
-    let pages = bytes.div_ceil(PAGE_SIZE).max(1);
-    let k = (64 - (pages - 1).leading_zeros()) as u8;
-    Order::new(k.min(max.get())).unwrap_or(max)
+    Order::covering(bytes).map_or(max, |o| o.min(max))
 }
 
 impl Geometry {

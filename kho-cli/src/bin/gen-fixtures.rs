@@ -252,11 +252,7 @@ impl Fx {
 
 /// The least order whose folio holds `len` bytes.
 fn order_for(len: u64) -> Result<Order> {
-    let pages = len.div_ceil(PAGE_SIZE).max(1);
-    u8::try_from(64 - (pages - 1).leading_zeros())
-        .ok()
-        .and_then(Order::new)
-        .with_context(|| format!("no folio order holds {len} bytes"))
+    Order::covering(len).with_context(|| format!("no folio order holds {len} bytes"))
 }
 
 /// Build an image whose MEMMAP is `map` plus the image's own folio at
