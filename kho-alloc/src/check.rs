@@ -21,13 +21,14 @@
 //!    inside the arena's KFENCE region (the sampler's pool may use only
 //!    part of it), so an image that lies about them is caught;
 //! 4. stale data (`KHO-S…`): free slots and unused tails of preserved
-//!    slab pages, and bytes of preserved folios outside the declared
-//!    extents, must be zero;
+//!    slab pages, bytes of preserved folios outside the declared extents,
+//!    and the bytes of the image's own folio outside the image, must be
+//!    zero;
 //! 5. the metadata tree (`KHO-T…`): every `PhysRange` property must point
 //!    into preserved memory inside the arena.
 //!
-//! Stale-data scope: slab pages are always checked. Other preserved folios
-//! (not slab pages, not the image) are checked only when the image has an
+//! Stale-data scope: slab pages and the image's own folio are always
+//! checked. Other preserved folios are checked only when the image has an
 //! EXTENTS section: a subsystem that declares no extents makes no claim
 //! about which bytes are valid. Once any extent is declared, every byte of
 //! such a folio outside every extent must be zero.
@@ -116,6 +117,11 @@ pub const CODES: &[Code] = &[
         "KHO-S003",
         Severity::Error,
         "stale bytes in preserved folios outside declared extents",
+    ),
+    code(
+        "KHO-S004",
+        Severity::Error,
+        "stale bytes in the image's preserved folio outside the image",
     ),
     code(
         "KHO-P001",
@@ -924,6 +930,7 @@ impl<'i, 'a> Run<'i, 'a> {
         let max = self.opts.max_offsets;
         let (mut p001, mut k002, mut k003) = (Agg::default(), Agg::default(), Agg::default());
         let (mut s001, mut s002, mut s003) = (Agg::default(), Agg::default(), Agg::default());
+        let mut s004 = Agg::default();
         let total = self.stats.preserved_bytes;
         let mut done = 0u64;
         let mut reported = 0u64;
@@ -954,7 +961,17 @@ impl<'i, 'a> Run<'i, 'a> {
                 }
             }
             let Some(a) = self.arena else { continue };
-            if image_range.is_some_and(|i| i.overlaps(fr)) {
+            if let Some(img) = image_range.filter(|i| i.overlaps(fr)) {
+                // The image's own folio: the bytes after (or before) the
+                // image are preserved with it and must hold nothing.
+                let img_end = img.start.saturating_add(img.len);
+                let fr_end = fr.start + fr.len;
+                for (lo, hi) in [(fr.start, img.start), (img_end, fr_end)] {
+                    if lo < hi {
+                        let part = PhysRange::new(PhysAddr(lo), hi - lo);
+                        self.scan(a.bytes, part, &mut s004);
+                    }
+                }
                 continue;
             }
             if let Some(p) = slab {
@@ -1005,6 +1022,9 @@ impl<'i, 'a> Run<'i, 'a> {
         });
         self.push_agg("KHO-S003", s003, |n, b| {
             format!("{b} non-zero byte(s) in {n} range(s) of preserved folios outside every declared extent")
+        });
+        self.push_agg("KHO-S004", s004, |n, b| {
+            format!("{b} non-zero byte(s) in {n} range(s) of the image's preserved folio outside the image: stale data handed to the successor with it")
         });
     }
 
@@ -1360,10 +1380,14 @@ mod tests {
         assert!(r.skipped.is_empty());
         assert_eq!(r.kind, InputKind::Arena);
         assert_eq!(r.slot, Some((1, 2)));
-        // 61 free slots + 64-byte tail of the slab page, and the order-1
-        // folio minus its 100-byte extent.
-        // The image's own order-0 folio is preserved but not scanned.
-        assert_eq!(r.stats.scanned_bytes, 61 * 64 + 64 + (8192 - 100));
+        // 61 free slots + 64-byte tail of the slab page, the order-1
+        // folio minus its 100-byte extent, and the image's own order-0
+        // folio after the image.
+        let image_len = t.image().len() as u64;
+        assert_eq!(
+            r.stats.scanned_bytes,
+            61 * 64 + 64 + (8192 - 100) + (4096 - image_len)
+        );
         assert_eq!(r.stats.folios, 3);
         assert_eq!(calls.last(), Some(&(4 * 4096, 4 * 4096)));
     }
@@ -1501,6 +1525,36 @@ mod tests {
         assert_eq!((f.count, f.bytes), (2, k.len + PAGE_SIZE));
         assert_eq!(f.offsets, [past.start, g]);
         assert!(f.message.contains(&far.to_string()), "{}", f.message);
+    }
+
+    #[test]
+    fn image_folio_outside_the_image_must_be_zero() {
+        let mut t = T::new();
+        let len = t.image().len() as u64;
+        let at = t.image_at + len + 13;
+        t.writes.push((at, vec![0x42; 3]));
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-S004"]);
+        let f = find(&r, "KHO-S004");
+        assert_eq!((f.count, f.bytes, f.offsets.clone()), (1, 3, vec![at]));
+        assert_eq!(
+            f.location,
+            PhysRange::new(PhysAddr(t.image_at + len), PAGE_SIZE - len)
+        );
+        // The image bytes themselves are not stale data.
+        let r = run(&T::new().bytes());
+        assert!(r.is_clean(), "{:?}", r.findings);
+        // An image starting one page into its (order-1) folio: the page
+        // before it is checked too.
+        let mut t = T::new();
+        t.image_folio = false;
+        let head = Pfn(t.image_at / PAGE_SIZE);
+        t.map.preserve(head, Order::new(1).unwrap()).unwrap();
+        t.image_at += PAGE_SIZE;
+        t.writes.push((pa(head) + 5, vec![1]));
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I001", "KHO-S004"]);
+        assert_eq!(find(&r, "KHO-S004").offsets, [pa(head) + 5]);
     }
 
     #[test]
