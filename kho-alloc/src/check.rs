@@ -49,12 +49,13 @@
 
 use core::fmt;
 
-use kho_core::image::layout::MAGIC;
+use kho_core::image::layout::{HEADER_SIZE, MAGIC};
 use kho_core::{Folio, Image, ParseError, PfnRange, PhysAddr, PhysRange, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::error::SlotError;
 use crate::layout::{Layout, Region, SUPERBLOCK_PAGES};
-use crate::superblock::{select, ImageLocation, Superblock, ARENA_MAGIC};
+use crate::superblock::{select, ImageLocation, RawSuperblock, Superblock, ARENA_MAGIC};
+use zerocopy::FromBytes as _;
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -317,8 +318,11 @@ impl CheckReport {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckError {
+    /// The input has no bytes at all.
+    #[error("empty file at offset 0x0: expected a kho image (magic {:02x?}) or arena (magic {:#018x}), found 0 bytes", MAGIC, ARENA_MAGIC)]
+    Empty,
     /// Neither an image nor an arena.
-    #[error("not a kho image or arena at offset {offset:#x}: expected image magic {expected_image:02x?} or arena magic {expected_arena:#018x}, found {found:02x?}")]
+    #[error("not a kho image or arena at offset {offset:#x}: expected image magic {expected_image:02x?} or arena magic {expected_arena:#018x}, found {:02x?}", &found[..usize::from(*found_len).min(8)])]
     Unrecognized {
         /// Always 0.
         offset: u64,
@@ -326,15 +330,16 @@ pub enum CheckError {
         expected_image: [u8; 8],
         /// The arena magic.
         expected_arena: u64,
-        /// The first bytes found (zero padded).
+        /// The first bytes found (zero padded past `found_len`).
         found: [u8; 8],
+        /// How many bytes of `found` the input holds (at most 8).
+        found_len: u8,
     },
-    /// Too short to hold both superblock slots.
-    #[error(
-        "arena truncated at {offset:#x}: expected at least {expected:#x} bytes, found {found:#x}"
-    )]
+    /// An arena shorter than its two superblock pages, or than the arena
+    /// size a valid superblock slot records.
+    #[error("arena truncated at {offset:#x}: expected {expected:#x} bytes, found {found:#x}")]
     Truncated {
-        /// Where the missing bytes start.
+        /// Where the missing bytes start (the input length).
         offset: u64,
         /// Bytes needed.
         expected: u64,
@@ -404,33 +409,29 @@ pub fn read_slots(bytes: &[u8]) -> Result<Slots, CheckError> {
     let len = bytes.len() as u64;
     let need = SUPERBLOCK_PAGES * PAGE_SIZE;
     if len < need {
-        // Too short for an arena; say what was found at the start.
-        let mut found = [0u8; 8];
-        let head = &bytes[..bytes.len().min(8)];
-        found[..head.len()].copy_from_slice(head);
-        return Err(CheckError::Unrecognized {
-            offset: 0,
-            expected_image: MAGIC,
-            expected_arena: ARENA_MAGIC,
-            found,
-        });
+        return Err(short_input(bytes, need));
     }
     let page = |i: u64| &bytes[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize];
     let s0 = Superblock::decode(page(0), 0, len);
     let s1 = Superblock::decode(page(1), PAGE_SIZE, len);
     let (current, superblock) = select(page(0), page(1), len).map_err(|e| match e {
-        crate::Error::Foreign { offset, .. } => {
-            let mut found = [0u8; 8];
-            found.copy_from_slice(&bytes[..8]);
-            CheckError::Unrecognized {
-                offset,
-                expected_image: MAGIC,
-                expected_arena: ARENA_MAGIC,
-                found,
-            }
-        }
+        crate::Error::Foreign { .. } => unrecognized(bytes),
         crate::Error::BothSuperblocksBad { slot0, slot1 } => {
-            CheckError::NoSuperblock { slot0, slot1 }
+            // A slot that is valid for a larger arena means the file lost
+            // its tail, which says more than two size mismatches.
+            let recorded = [0, 1]
+                .into_iter()
+                .filter_map(|i| recorded_size(page(i), i * PAGE_SIZE))
+                .filter(|&size| size > len)
+                .max();
+            match recorded {
+                Some(size) => CheckError::Truncated {
+                    offset: len,
+                    expected: size,
+                    found: len,
+                },
+                None => CheckError::NoSuperblock { slot0, slot1 },
+            }
         }
         crate::Error::GeometryMismatch {
             what,
@@ -450,6 +451,56 @@ pub fn read_slots(bytes: &[u8]) -> Result<Slots, CheckError> {
         current,
         superblock,
     })
+}
+
+/// The arena size a slot records, if the slot is valid for an arena of
+/// that size.
+fn recorded_size(page: &[u8], base: u64) -> Option<u64> {
+    let (raw, _) = RawSuperblock::read_from_prefix(page).ok()?;
+    let size = raw.arena_size.get();
+    Superblock::decode(page, base, size).ok().map(|_| size)
+}
+
+/// Why an input shorter than the superblock pages is not an arena: empty,
+/// a truncated arena or image (it starts like one), or neither.
+fn short_input(bytes: &[u8], need: u64) -> CheckError {
+    let len = bytes.len() as u64;
+    let head = &bytes[..bytes.len().min(8)];
+    if head.is_empty() {
+        CheckError::Empty
+    } else if ARENA_MAGIC.to_le_bytes().starts_with(head) {
+        CheckError::Truncated {
+            offset: len,
+            expected: need,
+            found: len,
+        }
+    } else if MAGIC.starts_with(head) {
+        // Shorter than the image magic; with all of it the input is
+        // checked as an image.
+        CheckError::Image {
+            base: 0,
+            source: ParseError::Truncated {
+                offset: 0,
+                expected: HEADER_SIZE as u64,
+                found: len,
+            },
+        }
+    } else {
+        unrecognized(bytes)
+    }
+}
+
+fn unrecognized(bytes: &[u8]) -> CheckError {
+    let mut found = [0u8; 8];
+    let n = bytes.len().min(8);
+    found[..n].copy_from_slice(&bytes[..n]);
+    CheckError::Unrecognized {
+        offset: 0,
+        expected_image: MAGIC,
+        expected_arena: ARENA_MAGIC,
+        found,
+        found_len: n as u8,
+    }
 }
 
 /// An arena's current image, located through its superblocks.
@@ -1558,6 +1609,70 @@ mod tests {
     }
 
     #[test]
+    fn empty_short_and_truncated_inputs() {
+        let opts = CheckOptions::default();
+        let err = |b: &[u8]| check(b, &opts, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err(b""), CheckError::Empty);
+        assert!(err(b"").to_string().starts_with("empty file"));
+        // The start of an arena: its magic, then nothing.
+        let good = T::new().bytes();
+        let e = err(&good[..20]);
+        assert_eq!(
+            e,
+            CheckError::Truncated {
+                offset: 20,
+                expected: 2 * PAGE_SIZE,
+                found: 20
+            }
+        );
+        assert_eq!(
+            err(&good[..3]),
+            CheckError::Truncated {
+                offset: 3,
+                expected: 2 * PAGE_SIZE,
+                found: 3
+            }
+        );
+        // Both slots intact, the arena's tail lost.
+        let e = err(&good[..100_000]);
+        assert_eq!(
+            e,
+            CheckError::Truncated {
+                offset: 100_000,
+                expected: SIZE,
+                found: 100_000
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "arena truncated at 0x186a0: expected 0x100000 bytes, found 0x186a0"
+        );
+        // A file shorter than the image magic that starts like it.
+        let e = err(&MAGIC[..5]);
+        assert!(
+            matches!(
+                e,
+                CheckError::Image {
+                    base: 0,
+                    source: ParseError::Truncated { found: 5, .. }
+                }
+            ),
+            "{e}"
+        );
+        // Neither: only the bytes that are there are named.
+        let e = err(b"short");
+        assert!(
+            matches!(e, CheckError::Unrecognized { found, found_len: 5, .. } if &found[..5] == b"short"),
+            "{e}"
+        );
+        assert!(e.to_string().ends_with("found [73, 68, 6f, 72, 74]"), "{e}");
+        // A file longer than the size its slots record is not truncated.
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 4096]);
+        assert!(matches!(err(&long), CheckError::NoSuperblock { .. }));
+    }
+
+    #[test]
     fn tree_ranges_dangling_and_outside() {
         let mut t = T::new();
         let g = pa(t.layout.general.start);
@@ -1675,8 +1790,6 @@ mod tests {
         assert!(matches!(e, CheckError::NoSuperblock { .. }), "{e}");
         let e = check(&vec![0u8; 300_000], &opts, &mut |_, _| {}).unwrap_err();
         assert!(matches!(e, CheckError::Unrecognized { .. }), "{e}");
-        let e = check(b"short", &opts, &mut |_, _| {}).unwrap_err();
-        assert!(matches!(e, CheckError::Unrecognized { found, .. } if &found[..5] == b"short"));
         let mut b = good.clone();
         b[4096..8192].fill(0);
         let e = check(&b, &opts, &mut |_, _| {}).unwrap_err();
