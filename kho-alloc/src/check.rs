@@ -222,7 +222,9 @@ impl Default for CheckOptions {
 /// Stale bytes shown with `show_bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// Arena address of `bytes[0]` (16-byte aligned).
+    /// Arena address of `bytes[0]`: the 16-byte aligned address at or
+    /// below the first stale byte, or the start of the scanned range when
+    /// that is later (a sample never shows bytes outside the range).
     pub at: u64,
     /// At most [`CheckOptions::sample_len`] bytes.
     pub bytes: Vec<u8>,
@@ -868,7 +870,10 @@ impl<'i, 'a> Run<'i, 'a> {
         if size != a.layout.size() {
             self.findings.push(single(
                 "KHO-I003",
-                PhysRange::new(PhysAddr(a.image.offset), 72),
+                PhysRange::new(
+                    PhysAddr(a.image.offset),
+                    u64::from(self.image.header().header_size),
+                ),
                 format!(
                     "image header says the arena is {size:#x} bytes, the arena is {:#x}",
                     a.layout.size()
@@ -1088,10 +1093,14 @@ impl<'i, 'a> Run<'i, 'a> {
         let i = first_nonzero(bytes)?;
         let nonzero = bytes[i..].iter().filter(|&&b| b != 0).count() as u64;
         let sample = self.opts.show_bytes.then(|| {
-            let from = i & !15;
-            let to = (from + self.opts.sample_len).min(bytes.len());
+            // From the 16-byte line of the arena that holds the first stale
+            // byte, but never before the range: its neighbours are not
+            // stale, and may be live data.
+            let at = ((range.start + i as u64) & !15).max(range.start);
+            let from = (at - range.start) as usize;
+            let to = from.saturating_add(self.opts.sample_len).min(bytes.len());
             Sample {
-                at: range.start + from as u64,
+                at,
                 bytes: bytes[from..to].to_vec(),
             }
         });
@@ -1606,6 +1615,48 @@ mod tests {
         let r = run(&t.bytes());
         assert_eq!(codes(&r), ["KHO-I001", "KHO-S004"]);
         assert_eq!(find(&r, "KHO-S004").offsets, [pa(head) + 5]);
+    }
+
+    #[test]
+    fn samples_start_on_an_arena_line_inside_the_range() {
+        let opts = CheckOptions {
+            show_bytes: true,
+            sample_len: 32,
+            ..CheckOptions::default()
+        };
+        let g = pa(T::new().layout.general.start);
+        // The gap after the 100-byte extent starts at g + 0x64, off a
+        // 16-byte line. A stale byte at g + 0x1005: its line g + 0x1000.
+        let mut t = T::new();
+        t.writes.push((g + 0x1005, vec![9]));
+        let r = check(&t.bytes(), &opts, &mut |_, _| {}).unwrap();
+        let s = find(&r, "KHO-S003").sample.clone().unwrap();
+        assert_eq!(s.at, g + 0x1000);
+        assert_eq!(s.bytes.len(), 32);
+        assert_eq!(s.bytes[5], 9);
+        // A stale byte at g + 0x65: its line g + 0x60 starts inside the
+        // extent, so the sample starts at the gap, g + 0x64.
+        let mut t = T::new();
+        t.writes.push((g + 0x65, vec![9]));
+        let r = check(&t.bytes(), &opts, &mut |_, _| {}).unwrap();
+        let s = find(&r, "KHO-S003").sample.clone().unwrap();
+        assert_eq!(s.at, g + 0x64);
+        assert_eq!(&s.bytes[..2], &[0, 9]);
+    }
+
+    #[test]
+    fn wrong_arena_is_located_at_the_whole_header() {
+        let mut t = T::new();
+        t.image_size = 2 * SIZE;
+        let mut raw = RawImage::from_image(&Image::parse(&t.image()).unwrap());
+        raw.header_tail = vec![0; 16];
+        let image = raw.to_bytes();
+        let r = run(&t.bytes_with(&image, None));
+        assert_eq!(codes(&r), ["KHO-I003"]);
+        assert_eq!(
+            find(&r, "KHO-I003").location,
+            PhysRange::new(PhysAddr(t.image_at), 88)
+        );
     }
 
     #[test]
