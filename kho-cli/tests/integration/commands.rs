@@ -1,6 +1,10 @@
 //! Behaviour of the subcommands beyond `check`.
 
-use crate::common::{fixtures, kho};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::common::{fixtures, kho, kho_in};
 
 #[test]
 fn extract_writes_the_current_image() {
@@ -13,12 +17,120 @@ fn extract_writes_the_current_image() {
         extracted,
         std::fs::read(fixtures().join("clean.img")).unwrap()
     );
-    // A slot CRC that does not match the image refuses to extract.
+    // Nothing but the image is left in the directory.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // A slot CRC that does not match the image refuses to extract, and
+    // leaves the previous output as it was.
     let r = kho(&["extract", "image-crc.arena", "-o", out.to_str().unwrap()]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("crc32"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), extracted);
     let r = kho(&["extract", "clean.img", "-o", out.to_str().unwrap()]);
     assert_eq!(r.code, 2);
+}
+
+#[test]
+fn extract_to_stdout() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kho"))
+        .args(["extract", "clean.arena", "-o", "-"])
+        .current_dir(fixtures())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.stdout,
+        std::fs::read(fixtures().join("clean.img")).unwrap()
+    );
+}
+
+/// A copy of clean.arena in a fresh directory.
+fn arena_copy() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.arena");
+    let bytes = std::fs::read(fixtures().join("clean.arena")).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    (dir, path, bytes)
+}
+
+#[test]
+fn extract_never_writes_its_input() {
+    let (dir, arena, bytes) = arena_copy();
+    let link = dir.path().join("hard-link");
+    std::fs::hard_link(&arena, &link).unwrap();
+    let a = arena.to_str().unwrap();
+    for target in [a, link.to_str().unwrap()] {
+        let r = kho_in(dir.path(), &["extract", a, "-o", target]);
+        assert_eq!(r.code, 2, "{target}: {}", r.stderr);
+        assert!(r.stderr.contains("refusing"), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1);
+    }
+    // The arena as standard input, named as /dev/stdin.
+    let out = Command::new(env!("CARGO_BIN_EXE_kho"))
+        .args(["extract", a, "-o", "/dev/stdin"])
+        .stdin(std::fs::File::open(&arena).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Standard output appending to the arena.
+    let append = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&arena)
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kho"))
+        .args(["extract", a, "-o", "-"])
+        .stdout(append)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stdout: is the arena"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&arena).unwrap(), bytes, "the arena is intact");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn extract_replaces_a_file_atomically() {
+    let (dir, arena, _) = arena_copy();
+    let a = arena.to_str().unwrap();
+    let image = std::fs::read(fixtures().join("clean.img")).unwrap();
+    // An existing file is replaced and keeps its mode.
+    let out = dir.path().join("old.img");
+    std::fs::write(&out, b"previous contents").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let r = kho_in(dir.path(), &["extract", a, "-o", "old.img"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), image);
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    // Through a symlink: the link stays, its target is replaced.
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink("old.img", &link).unwrap();
+    std::fs::write(&out, b"again").unwrap();
+    let r = kho_in(dir.path(), &["extract", a, "-o", "link.img"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&out).unwrap(), image);
+    // No temporary file is left behind: arena, old.img, link.img.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    // A device is written in place.
+    assert_eq!(
+        kho_in(dir.path(), &["extract", a, "-o", "/dev/null"]).code,
+        0
+    );
+    // A directory, or a file in a missing one: an error, nothing created.
+    let r = kho_in(dir.path(), &["extract", a, "-o", "."]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("is a directory"), "{}", r.stderr);
+    let r = kho_in(dir.path(), &["extract", a, "-o", "missing/x.img"]);
+    assert_eq!(r.code, 2);
+    assert!(!dir.path().join("missing").exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
 }
 
 #[test]

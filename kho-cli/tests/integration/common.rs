@@ -19,9 +19,14 @@ pub struct Out {
 /// Run `kho args...` with the fixtures directory as working directory, so
 /// paths in the output are bare file names.
 pub fn kho(args: &[&str]) -> Out {
+    kho_in(&fixtures(), args)
+}
+
+/// Run `kho args...` in `dir`.
+pub fn kho_in(dir: &Path, args: &[&str]) -> Out {
     let out = Command::new(env!("CARGO_BIN_EXE_kho"))
         .args(args)
-        .current_dir(fixtures())
+        .current_dir(dir)
         .env_remove("NO_COLOR")
         .output()
         .expect("run kho");
