@@ -88,12 +88,12 @@ fn human(r: &CheckReport, st: Style) -> String {
         (Some((slot, generation)), Some(loc)) => {
             let _ = writeln!(
                 out,
-                "{} {} ({}): superblock slot {slot}, generation {generation}, image at {} ({} bytes)",
+                "{} {} ({}): superblock slot {slot}, generation {generation}, image at {} ({})",
                 st.bold("arena"),
                 hex(s.arena_size),
                 size(s.arena_size),
                 hex(loc.offset),
-                loc.len
+                size(loc.len)
             );
         }
         _ => {
@@ -135,7 +135,9 @@ fn human(r: &CheckReport, st: Style) -> String {
         }
         out.push_str(&t.render(0, st));
         for f in &r.findings {
-            if f.count > 1 || f.sample.is_some() {
+            // Stale-data findings are located at the scanned range; the
+            // stale bytes themselves are at the offsets.
+            if f.code.starts_with("KHO-S") || f.count > 1 || f.sample.is_some() {
                 let offs: Vec<String> = f.offsets.iter().map(|o| hex(*o)).collect();
                 let more = if (f.offsets.len() as u64) < f.count {
                     ", ..."

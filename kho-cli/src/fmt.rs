@@ -145,13 +145,21 @@ impl Table {
     }
 }
 
-/// A classic 16-bytes-per-line hexdump with addresses starting at `at`.
+/// A classic 16-bytes-per-line hexdump of `bytes` found at address `at`.
+/// Lines start on 16-byte aligned addresses; when `at` is not aligned, the
+/// first line leaves the cells before it blank.
 pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
     let mut out = String::new();
-    for (i, chunk) in bytes.chunks(16).enumerate() {
-        let _ = write!(out, "{}{:#012x}  ", " ".repeat(indent), at + 16 * i as u64);
-        for j in 0..16 {
-            match chunk.get(j) {
+    let lead = (at % 16) as usize;
+    let mut line = at - lead as u64;
+    let mut i = 0usize;
+    while i < bytes.len() {
+        let first = if i == 0 { lead } else { 0 };
+        let n = (16 - first).min(bytes.len() - i);
+        let chunk = &bytes[i..i + n];
+        let _ = write!(out, "{}{line:#012x}  ", " ".repeat(indent));
+        for j in 0..16usize {
+            match j.checked_sub(first).and_then(|k| chunk.get(k)) {
                 Some(b) => {
                     let _ = write!(out, "{b:02x} ");
                 }
@@ -161,8 +169,8 @@ pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
                 out.push(' ');
             }
         }
-        out.push(' ');
-        out.push('|');
+        out.push_str(" |");
+        out.push_str(&" ".repeat(first));
         for &b in chunk {
             out.push(if b.is_ascii_graphic() || b == b' ' {
                 char::from(b)
@@ -172,6 +180,8 @@ pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
         }
         out.push('|');
         out.push('\n');
+        i += n;
+        line += 16;
     }
     out
 }
@@ -204,5 +214,26 @@ mod tests {
         let d = hexdump(0x10, b"AB\0", 0);
         assert!(d.starts_with("0x0000000010  41 42 00"), "{d}");
         assert!(d.trim_end().ends_with("|AB.|"), "{d}");
+    }
+
+    #[test]
+    fn hexdump_lines_are_aligned_on_addresses() {
+        let bytes: Vec<u8> = (0x41..0x41 + 21).collect();
+        let d = hexdump(0x1c, &bytes, 2);
+        let lines: Vec<&str> = d.lines().collect();
+        assert_eq!(lines.len(), 3, "{d}");
+        // 0x1c: 12 blank cells, then A B C D.
+        assert_eq!(
+            lines[0],
+            format!(
+                "  0x0000000010  {}41 42 43 44  |{}ABCD|",
+                "   ".repeat(12) + " ",
+                " ".repeat(12)
+            )
+        );
+        assert!(lines[1].starts_with("  0x0000000020  45 46"), "{d}");
+        assert!(lines[1].ends_with("|EFGHIJKLMNOPQRST|"), "{d}");
+        assert_eq!(lines[2].split_whitespace().nth(1), Some("55"));
+        assert!(lines[2].ends_with("|U|"), "{d}");
     }
 }

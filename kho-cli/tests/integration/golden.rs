@@ -54,10 +54,12 @@ fn golden_outputs() {
         "clean.arena.ranges-folios.json".into(),
         vec!["ranges", "clean.arena", "--folios", "--json"],
     ));
-    runs.push((
-        "stale-free-slot.arena.check-bytes.txt".into(),
-        vec!["check", "stale-free-slot.arena", "--show-bytes"],
-    ));
+    for name in ["stale-free-slot.arena", "stale-outside-extent.arena"] {
+        runs.push((
+            format!("{name}.check-bytes.txt"),
+            vec!["check", name, "--show-bytes"],
+        ));
+    }
     runs.push((
         "diff-clean-kfence-slab.txt".into(),
         vec!["diff", "clean.arena", "kfence-slab.arena"],
