@@ -186,8 +186,21 @@ fn usage_help_and_show_bytes() {
     assert!(r.stdout.contains("Examples:"), "{}", r.stdout);
     let r = kho(&["check", "--help"]);
     assert!(r.stdout.contains("--show-bytes"));
-    assert_eq!(kho(&["frobnicate"]).code, 2);
-    assert_eq!(kho(&["check"]).code, 2);
+    let r = kho(&["demo", "--help"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("Examples:\n  kho demo"), "{}", r.stdout);
+    for args in [
+        &["frobnicate"][..],
+        &["check"],
+        &[],
+        &["check", "--bogus", "x"],
+    ] {
+        let r = kho(args);
+        assert_eq!(r.code, 2, "{args:?}");
+        assert!(r.stdout.is_empty(), "{args:?}: {}", r.stdout);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {:?}", r.stderr);
+        assert!(r.stderr.starts_with("kho: usage: "), "{:?}", r.stderr);
+    }
     // Stale bytes appear only when asked for.
     let quiet = kho(&["check", "stale-free-slot.arena"]);
     assert!(!quiet.stdout.contains("secret-token"), "{}", quiet.stdout);
