@@ -68,6 +68,25 @@ impl Style {
     }
 }
 
+/// Characters of `s` a terminal shows: colour sequences (`ESC [ ... m`)
+/// take no column.
+fn visible_len(s: &str) -> usize {
+    let mut n = 0;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Column alignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Align {
@@ -102,17 +121,17 @@ impl Table {
     /// not padded so lines carry no trailing blanks.
     pub fn render(&self, indent: usize, style: Style) -> String {
         let n = self.head.len();
-        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| h.chars().count()).collect();
+        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| visible_len(h)).collect();
         for r in &self.rows {
             for (i, c) in r.iter().enumerate().take(n) {
-                width[i] = width[i].max(c.chars().count());
+                width[i] = width[i].max(visible_len(c));
             }
         }
         let line = |cells: &[String]| {
             let mut out = " ".repeat(indent);
             for (i, (w, (_, align))) in width.iter().zip(&self.head).enumerate() {
                 let c = cells.get(i).map_or("", String::as_str);
-                let pad = w.saturating_sub(c.chars().count());
+                let pad = w.saturating_sub(visible_len(c));
                 let last = i + 1 == n;
                 match align {
                     Align::Right => {
@@ -207,6 +226,19 @@ mod tests {
         t.row(vec!["s".into(), "100".into(), "z".into()]);
         let s = t.render(2, Style { on: false });
         assert_eq!(s, "  A       N  X\n  long    1\n  s     100  z\n");
+    }
+
+    #[test]
+    fn coloured_cells_align_like_plain_ones() {
+        let on = Style { on: true };
+        let mut t = Table::new(&[("A", Align::Left), ("B", Align::Left)]);
+        t.row(vec![on.red("BAD"), "x".into()]);
+        t.row(vec!["ok".into(), "y".into()]);
+        let s = t.render(0, Style { on: false });
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[1], "\x1b[31;1mBAD\x1b[0m  x");
+        assert_eq!(lines[2], "ok   y");
+        assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
     }
 
     #[test]

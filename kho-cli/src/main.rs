@@ -20,6 +20,7 @@ mod input;
 mod inspect;
 mod json;
 mod ranges;
+mod raw;
 
 /// Inspect and verify kho handover images and arenas.
 #[derive(Debug, Parser)]
@@ -150,7 +151,7 @@ pub(crate) fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 /// The error chain on one line, joined by ": ". A cause whose text its
 /// parent already includes (a `thiserror` message that embeds its source)
 /// is not repeated.
-fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

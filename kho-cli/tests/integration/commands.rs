@@ -215,3 +215,79 @@ fn usage_help_and_show_bytes() {
     let hex = doc["findings"][0]["sample"]["hex"].as_str().unwrap();
     assert_eq!(hex.len(), 128, "64 bytes at most");
 }
+
+#[test]
+fn inspect_computes_crc_status() {
+    // The slot's image CRC against the image bytes.
+    let r = kho(&["inspect", "image-crc.arena"]);
+    assert_eq!(r.code, 0);
+    assert!(
+        r.stdout
+            .contains("crc32 0x212ba6fc BAD: the image bytes have 0x7b71fca6"),
+        "{}",
+        r.stdout
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&kho(&["inspect", "image-crc.arena", "--json"]).stdout).unwrap();
+    assert_eq!(doc["arena"]["image"]["crc_ok"], false);
+    assert_eq!(doc["arena"]["image"]["computed_crc32"], 0x7b71_fca6);
+    let doc: serde_json::Value =
+        serde_json::from_str(&kho(&["inspect", "clean.arena", "--json"]).stdout).unwrap();
+    assert_eq!(doc["valid"], true);
+    assert_eq!(doc["arena"]["image"]["crc_ok"], true);
+    for s in doc["image"]["sections"].as_array().unwrap() {
+        assert_eq!(s["crc_ok"], true);
+        assert_eq!(s["computed_crc32"], s["crc32"]);
+    }
+}
+
+#[test]
+fn inspect_shows_what_it_can_of_an_invalid_input() {
+    // The broken section is named, the others are ok; then the error.
+    let r = kho(&["inspect", "bad-image.arena"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stdout
+            .contains("SCRATCH  required   0x518     16 B  0x12345678  BAD (computed 0xabc34c57)"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(r.stdout.matches("  ok\n").count(), 5, "{}", r.stdout);
+    assert!(r.stdout.contains("current"), "the slots are shown");
+    assert_eq!(r.stderr.lines().count(), 1);
+    assert!(r.stderr.contains("section SCRATCH crc mismatch"));
+    let r = kho(&["inspect", "bad-image.arena", "--json"]);
+    assert_eq!(r.code, 2);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(doc["valid"], false);
+    assert!(doc["image"].is_null());
+    assert!(doc["error"]
+        .as_str()
+        .unwrap()
+        .contains("section SCRATCH crc mismatch"));
+    let sections = doc["raw"]["sections"].as_array().unwrap();
+    let bad: Vec<_> = sections.iter().filter(|s| s["crc_ok"] == false).collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["kind"], "SCRATCH");
+    assert_eq!(bad[0]["computed_crc32"], 0xabc3_4c57u32);
+    assert_eq!(doc["arena"]["current_slot"], 1);
+    // A bad header CRC in a bare image.
+    let r = kho(&["inspect", "header-crc.img"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stdout
+            .contains("header crc32 0xdeadbeef BAD (computed 0x60d995ea)"),
+        "{}",
+        r.stdout
+    );
+    // Both slots bad: each with its reason, no regions.
+    let r = kho(&["inspect", "both-slots-bad.arena"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(r.stdout.matches("BAD").count(), 2, "{}", r.stdout);
+    assert!(!r.stdout.contains("REGION"), "{}", r.stdout);
+    let doc: serde_json::Value =
+        serde_json::from_str(&kho(&["inspect", "both-slots-bad.arena", "--json"]).stdout).unwrap();
+    assert!(doc["arena"]["current_slot"].is_null());
+    assert_eq!(doc["arena"]["slots"][1]["valid"], false);
+    assert!(doc["raw"].is_null());
+}
