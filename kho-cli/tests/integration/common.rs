@@ -37,6 +37,36 @@ pub fn kho_in(dir: &Path, args: &[&str]) -> Out {
     }
 }
 
+/// `kho-cli/tests/golden/`.
+pub fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Compare `actual` with the golden file `name`, or write it when
+/// blessing. Returns a description of the mismatch.
+pub fn compare(name: &str, actual: &str) -> Option<String> {
+    let path = golden_dir().join(name);
+    if std::env::var_os("KHO_BLESS").is_some_and(|v| v == "1") {
+        std::fs::create_dir_all(golden_dir()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return None;
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(expected) if expected == actual => None,
+        Ok(expected) => Some(format!(
+            "{name}: output differs from the golden file\n--- expected\n{expected}\n--- actual\n{actual}"
+        )),
+        Err(e) => Some(format!("{name}: no golden file ({e}); run with KHO_BLESS=1")),
+    }
+}
+
+pub fn record(out: &Out) -> String {
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        out.code, out.stdout, out.stderr
+    )
+}
+
 /// Every expected outcome of `kho check`: file, exit code, finding codes
 /// (sorted), as `fixtures/README.md` lists them.
 pub const EXPECTED: &[(&str, i32, &[&str])] = &[

@@ -1,38 +1,7 @@
 //! Golden outputs: the exact text and JSON of each command on each
 //! fixture, under `kho-cli/tests/golden/`. Re-bless with `KHO_BLESS=1`.
 
-use std::path::{Path, PathBuf};
-
-use crate::common::{kho, EXPECTED};
-
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-/// Compare `actual` with the golden file `name`, or write it when
-/// blessing. Returns a description of the mismatch.
-fn compare(name: &str, actual: &str) -> Option<String> {
-    let path = golden_dir().join(name);
-    if std::env::var_os("KHO_BLESS").is_some_and(|v| v == "1") {
-        std::fs::create_dir_all(golden_dir()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-        return None;
-    }
-    match std::fs::read_to_string(&path) {
-        Ok(expected) if expected == actual => None,
-        Ok(expected) => Some(format!(
-            "{name}: output differs from the golden file\n--- expected\n{expected}\n--- actual\n{actual}"
-        )),
-        Err(e) => Some(format!("{name}: no golden file ({e}); run with KHO_BLESS=1")),
-    }
-}
-
-fn record(out: &crate::common::Out) -> String {
-    format!(
-        "exit: {}\n--- stdout\n{}--- stderr\n{}",
-        out.code, out.stdout, out.stderr
-    )
-}
+use crate::common::{compare, kho, kho_in, record, EXPECTED};
 
 #[test]
 fn golden_outputs() {
@@ -60,22 +29,29 @@ fn golden_outputs() {
             vec!["check", name, "--show-bytes"],
         ));
     }
-    runs.push((
-        "diff-clean-kfence-slab.txt".into(),
-        vec!["diff", "clean.arena", "kfence-slab.arena"],
-    ));
-    runs.push((
-        "diff-clean-kfence-slab.json".into(),
-        vec!["diff", "clean.arena", "kfence-slab.arena", "--json"],
-    ));
-    runs.push((
-        "diff-clean-dangling.txt".into(),
-        vec!["diff", "clean.img", "dangling.img"],
-    ));
+    for (name, a, b) in crate::diff::FIXTURE_PAIRS {
+        runs.push((format!("diff-{name}.txt"), vec!["diff", a, b]));
+        runs.push((format!("diff-{name}.json"), vec!["diff", a, b, "--json"]));
+    }
     for (file, args) in &runs {
         let out = kho(args);
         if let Some(f) = compare(file, &record(&out)) {
             failures.push(f);
+        }
+    }
+    // Each edit of the clean image against it, run where they are written.
+    let dir = tempfile::tempdir().unwrap();
+    for name in crate::diff::write_cases(dir.path()) {
+        let b = format!("{name}.img");
+        for (suffix, json) in [("txt", false), ("json", true)] {
+            let mut args = vec!["diff", "clean.img", b.as_str()];
+            if json {
+                args.push("--json");
+            }
+            let file = format!("diff-edit-{name}.{suffix}");
+            if let Some(f) = compare(&file, &record(&kho_in(dir.path(), &args))) {
+                failures.push(f);
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

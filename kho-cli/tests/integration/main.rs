@@ -2,5 +2,6 @@
 
 mod commands;
 mod common;
+mod diff;
 mod fixtures;
 mod golden;
