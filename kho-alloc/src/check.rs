@@ -440,7 +440,10 @@ pub fn read_slots(bytes: &[u8]) -> Result<Slots, CheckError> {
             expected,
             found,
         } => CheckError::SlotsDisagree {
-            what,
+            // The message already says the slots disagree.
+            what: what
+                .strip_prefix("superblock slots disagree on ")
+                .unwrap_or(what),
             expected,
             found,
         },

@@ -223,6 +223,13 @@ fn arena_text(
                 sb.layout.max_order.get()
             );
         }
+        None if slots.iter().all(Result::is_ok) => {
+            let _ = writeln!(
+                out,
+                "{}  no usable superblock slot: both are valid but describe different geometry",
+                st.bold("arena")
+            );
+        }
         None => {
             let _ = writeln!(out, "{}  no usable superblock slot", st.bold("arena"));
         }

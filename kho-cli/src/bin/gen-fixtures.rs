@@ -487,6 +487,76 @@ const FIXTURES: &[(&str, Gen)] = &[
         }
         fx.write_with_image(p, &raw.to_bytes())
     }),
+    // Exit 2: both slots valid, but the older one puts the boundary
+    // between the preservable pool and general memory one page lower.
+    ("slots-disagree.arena", |p| {
+        arena_variant(p, |_| Ok(()))?;
+        let mut old = read_slot(p, 0)?;
+        old.layout.preservable.end = Pfn(old.layout.preservable.end.0 - 1);
+        old.layout.general.start = Pfn(old.layout.general.start.0 - 1);
+        write_slot(p, 0, &old)
+    }),
+    // Exit 2: an arena cut after 100000 bytes; its slots record 256 KiB.
+    ("truncated.arena", |p| {
+        arena_variant(p, |_| Ok(()))?;
+        let bytes = std::fs::read(p)?;
+        Ok(std::fs::write(p, &bytes[..100_000])?)
+    }),
+    // Exit 2: the first 20 bytes of an arena (its magic and a little).
+    ("short.arena", |p| {
+        arena_variant(p, |_| Ok(()))?;
+        let bytes = std::fs::read(p)?;
+        Ok(std::fs::write(p, &bytes[..20])?)
+    }),
+    // Exit 2: the first 5 bytes of an image, shorter than its magic.
+    ("short.img", |p| {
+        Ok(std::fs::write(p, &clean_image()?[..5])?)
+    }),
+    // Exit 2: no bytes at all.
+    ("empty.bin", |p| Ok(std::fs::write(p, [])?)),
+    // Exit 2: 4 KiB of pseudo-random bytes (xorshift, fixed seed).
+    ("random.bin", |p| {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        Ok(std::fs::write(p, bytes)?)
+    }),
+    // KHO-P002 alone: the image's SCRATCH section lists only the second
+    // scratch page; nothing is preserved in the first.
+    ("scratch-differs.arena", |p| {
+        arena_variant(p, |fx| {
+            let s = fx.layout.scratch;
+            fx.scratch = Some(vec![page_range(Pfn(s.start.0 + 1), s.pages() - 1)]);
+            Ok(())
+        })
+    }),
+    // KHO-K004 alone: the image's KFENCE section lists the arena's pool
+    // and two unpreserved pages of general memory (pages 30-31).
+    ("kfence-outside.arena", |p| {
+        arena_variant(p, |fx| {
+            fx.kfence = Some(vec![
+                fx.layout.bytes_of(Region::Kfence),
+                page_range(fx.pfn(Region::General, 6), 2),
+            ]);
+            Ok(())
+        })
+    }),
+    // KHO-S004: bytes left after the image in its own folio, as a folio
+    // reused from an earlier, longer image would hold.
+    ("stale-image-folio.arena", |p| {
+        let fx = Fx::clean()?;
+        let image = fx.image()?;
+        let mut fx = fx;
+        let at = PhysAddr(addr(fx.image_at).0 + image.len() as u64 + 0x100);
+        fx.writes.push((at, b"previous image tail".to_vec()));
+        fx.write(p)
+    }),
     // KHO-T001 and T002 in a bare image (its other checks are skipped).
     ("dangling.img", |p| {
         let mut fx = Fx::clean()?;

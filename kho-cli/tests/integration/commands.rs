@@ -291,3 +291,35 @@ fn inspect_shows_what_it_can_of_an_invalid_input() {
     assert_eq!(doc["arena"]["slots"][1]["valid"], false);
     assert!(doc["raw"].is_null());
 }
+
+#[test]
+fn a_directory_or_a_missing_path_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = dir.path().join("x.img");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec!["check", d],
+        vec!["inspect", d],
+        vec!["ranges", d],
+        vec!["diff", "clean.arena", d],
+        vec!["extract", d, "-o", out],
+    ] {
+        let r = kho(&args);
+        assert_eq!(r.code, 2, "{args:?}");
+        assert_eq!(
+            r.stderr,
+            format!("kho: {d}: is a directory, expected an arena or image file\n"),
+            "{args:?}"
+        );
+        assert!(r.stdout.is_empty());
+    }
+    let r = kho(&["check", "missing.arena"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.starts_with("kho: missing.arena: open: "),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 1);
+}
