@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();
     let mut progress = |done: u64, total: u64| {
-        if !tty || total < BAR_THRESHOLD {
+        if !bar_wanted(tty, total) {
             return;
         }
         let b = bar.get_or_insert_with(|| {
@@ -79,6 +79,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A progress bar only on a terminal, and only for a check over at least
+/// [`BAR_THRESHOLD`] bytes of preserved memory.
+fn bar_wanted(stderr_is_terminal: bool, total: u64) -> bool {
+    stderr_is_terminal && total >= BAR_THRESHOLD
 }
 
 fn human(r: &CheckReport, st: Style) -> String {
@@ -224,4 +230,20 @@ pub fn to_json(r: &CheckReport) -> serde_json::Value {
         "findings": findings,
         "skipped": r.skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bar_only_on_a_terminal_for_big_checks() {
+        assert!(bar_wanted(true, BAR_THRESHOLD));
+        assert!(bar_wanted(true, 8 << 30));
+        assert!(!bar_wanted(true, BAR_THRESHOLD - 1));
+        assert!(
+            !bar_wanted(false, 8 << 30),
+            "never when stderr is a pipe or file"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Human output helpers shared by the subcommands (and `kho demo`): sizes,
 //! aligned tables, colour on terminals only, hexdumps.
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 
@@ -24,18 +25,28 @@ pub fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
-/// Terminal styling, enabled only when the stream is a terminal and
-/// `NO_COLOR` is unset.
+/// Terminal styling, enabled only when the stream is a terminal, `NO_COLOR`
+/// is unset or empty (no-color.org) and `TERM` is not `dumb`.
 #[derive(Debug, Clone, Copy)]
 pub struct Style {
     on: bool,
+}
+
+/// Whether to colour a stream: on a terminal only, unless `NO_COLOR` has a
+/// value or the terminal is `dumb`.
+pub fn colour_enabled(terminal: bool, no_color: Option<&OsStr>, term: Option<&OsStr>) -> bool {
+    terminal && no_color.is_none_or(OsStr::is_empty) && term.is_none_or(|t| t != "dumb")
 }
 
 impl Style {
     /// Styling for standard output.
     pub fn stdout() -> Style {
         Style {
-            on: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            on: colour_enabled(
+                std::io::stdout().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+                std::env::var_os("TERM").as_deref(),
+            ),
         }
     }
 
@@ -226,6 +237,18 @@ mod tests {
         t.row(vec!["s".into(), "100".into(), "z".into()]);
         let s = t.render(2, Style { on: false });
         assert_eq!(s, "  A       N  X\n  long    1\n  s     100  z\n");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert!(colour_enabled(true, None, os("xterm-256color")));
+        assert!(colour_enabled(true, None, None));
+        assert!(!colour_enabled(false, None, os("xterm")), "a pipe or file");
+        assert!(!colour_enabled(true, os("1"), os("xterm")));
+        // An empty NO_COLOR does not count (no-color.org).
+        assert!(colour_enabled(true, os(""), os("xterm")));
+        assert!(!colour_enabled(true, None, os("dumb")));
     }
 
     #[test]

@@ -5,3 +5,4 @@ mod common;
 mod diff;
 mod fixtures;
 mod golden;
+mod terminal;
