@@ -16,17 +16,19 @@
 //!    own MEMMAP preserves, headed at the image's first page, in general
 //!    memory, and describe this arena;
 //! 3. layout (`KHO-P…`, `KHO-K…`): preserved memory against the arena's
-//!    own scratch and KFENCE regions (the image's SCRATCH and KFENCE
-//!    sections are compared too, so an image that lies about them is
-//!    caught);
+//!    own scratch and KFENCE regions; the image's SCRATCH section must
+//!    equal the arena's scratch region and its KFENCE ranges must lie
+//!    inside the arena's KFENCE region (the sampler's pool may use only
+//!    part of it), so an image that lies about them is caught;
 //! 4. stale data (`KHO-S…`): free slots and unused tails of preserved
-//!    slab pages, and bytes of preserved folios outside the declared
-//!    extents, must be zero;
+//!    slab pages, bytes of preserved folios outside the declared extents,
+//!    and the bytes of the image's own folio outside the image, must be
+//!    zero;
 //! 5. the metadata tree (`KHO-T…`): every `PhysRange` property must point
 //!    into preserved memory inside the arena.
 //!
-//! Stale-data scope: slab pages are always checked. Other preserved folios
-//! (not slab pages, not the image) are checked only when the image has an
+//! Stale-data scope: slab pages and the image's own folio are always
+//! checked. Other preserved folios are checked only when the image has an
 //! EXTENTS section: a subsystem that declares no extents makes no claim
 //! about which bytes are valid. Once any extent is declared, every byte of
 //! such a folio outside every extent must be zero.
@@ -47,12 +49,13 @@
 
 use core::fmt;
 
-use kho_core::image::layout::MAGIC;
+use kho_core::image::layout::{HEADER_SIZE, MAGIC};
 use kho_core::{Folio, Image, ParseError, PfnRange, PhysAddr, PhysRange, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::error::SlotError;
 use crate::layout::{Layout, Region, SUPERBLOCK_PAGES};
-use crate::superblock::{select, ImageLocation, Superblock, ARENA_MAGIC};
+use crate::superblock::{select, ImageLocation, RawSuperblock, Superblock, ARENA_MAGIC};
+use zerocopy::FromBytes as _;
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,6 +120,11 @@ pub const CODES: &[Code] = &[
         "stale bytes in preserved folios outside declared extents",
     ),
     code(
+        "KHO-S004",
+        Severity::Error,
+        "stale bytes in the image's preserved folio outside the image",
+    ),
+    code(
         "KHO-P001",
         Severity::Error,
         "preserved memory overlaps the arena's scratch region",
@@ -140,7 +148,7 @@ pub const CODES: &[Code] = &[
     code(
         "KHO-K004",
         Severity::Warning,
-        "image KFENCE ranges differ from the arena's KFENCE region",
+        "image KFENCE ranges outside the arena's KFENCE region",
     ),
     code(
         "KHO-T001",
@@ -214,7 +222,9 @@ impl Default for CheckOptions {
 /// Stale bytes shown with `show_bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// Arena address of `bytes[0]` (16-byte aligned).
+    /// Arena address of `bytes[0]`: the 16-byte aligned address at or
+    /// below the first stale byte, or the start of the scanned range when
+    /// that is later (a sample never shows bytes outside the range).
     pub at: u64,
     /// At most [`CheckOptions::sample_len`] bytes.
     pub bytes: Vec<u8>,
@@ -310,8 +320,11 @@ impl CheckReport {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckError {
+    /// The input has no bytes at all.
+    #[error("empty file at offset 0x0: expected a kho image (magic {:02x?}) or arena (magic {:#018x}), found 0 bytes", MAGIC, ARENA_MAGIC)]
+    Empty,
     /// Neither an image nor an arena.
-    #[error("not a kho image or arena at offset {offset:#x}: expected image magic {expected_image:02x?} or arena magic {expected_arena:#018x}, found {found:02x?}")]
+    #[error("not a kho image or arena at offset {offset:#x}: expected image magic {expected_image:02x?} or arena magic {expected_arena:#018x}, found {:02x?}", &found[..usize::from(*found_len).min(8)])]
     Unrecognized {
         /// Always 0.
         offset: u64,
@@ -319,15 +332,16 @@ pub enum CheckError {
         expected_image: [u8; 8],
         /// The arena magic.
         expected_arena: u64,
-        /// The first bytes found (zero padded).
+        /// The first bytes found (zero padded past `found_len`).
         found: [u8; 8],
+        /// How many bytes of `found` the input holds (at most 8).
+        found_len: u8,
     },
-    /// Too short to hold both superblock slots.
-    #[error(
-        "arena truncated at {offset:#x}: expected at least {expected:#x} bytes, found {found:#x}"
-    )]
+    /// An arena shorter than its two superblock pages, or than the arena
+    /// size a valid superblock slot records.
+    #[error("arena truncated at {offset:#x}: expected {expected:#x} bytes, found {found:#x}")]
     Truncated {
-        /// Where the missing bytes start.
+        /// Where the missing bytes start (the input length).
         offset: u64,
         /// Bytes needed.
         expected: u64,
@@ -397,40 +411,39 @@ pub fn read_slots(bytes: &[u8]) -> Result<Slots, CheckError> {
     let len = bytes.len() as u64;
     let need = SUPERBLOCK_PAGES * PAGE_SIZE;
     if len < need {
-        // Too short for an arena; say what was found at the start.
-        let mut found = [0u8; 8];
-        let head = &bytes[..bytes.len().min(8)];
-        found[..head.len()].copy_from_slice(head);
-        return Err(CheckError::Unrecognized {
-            offset: 0,
-            expected_image: MAGIC,
-            expected_arena: ARENA_MAGIC,
-            found,
-        });
+        return Err(short_input(bytes, need));
     }
     let page = |i: u64| &bytes[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize];
     let s0 = Superblock::decode(page(0), 0, len);
     let s1 = Superblock::decode(page(1), PAGE_SIZE, len);
     let (current, superblock) = select(page(0), page(1), len).map_err(|e| match e {
-        crate::Error::Foreign { offset, .. } => {
-            let mut found = [0u8; 8];
-            found.copy_from_slice(&bytes[..8]);
-            CheckError::Unrecognized {
-                offset,
-                expected_image: MAGIC,
-                expected_arena: ARENA_MAGIC,
-                found,
-            }
-        }
+        crate::Error::Foreign { .. } => unrecognized(bytes),
         crate::Error::BothSuperblocksBad { slot0, slot1 } => {
-            CheckError::NoSuperblock { slot0, slot1 }
+            // A slot that is valid for a larger arena means the file lost
+            // its tail, which says more than two size mismatches.
+            let recorded = [0, 1]
+                .into_iter()
+                .filter_map(|i| recorded_size(page(i), i * PAGE_SIZE))
+                .filter(|&size| size > len)
+                .max();
+            match recorded {
+                Some(size) => CheckError::Truncated {
+                    offset: len,
+                    expected: size,
+                    found: len,
+                },
+                None => CheckError::NoSuperblock { slot0, slot1 },
+            }
         }
         crate::Error::GeometryMismatch {
             what,
             expected,
             found,
         } => CheckError::SlotsDisagree {
-            what,
+            // The message already says the slots disagree.
+            what: what
+                .strip_prefix("superblock slots disagree on ")
+                .unwrap_or(what),
             expected,
             found,
         },
@@ -443,6 +456,56 @@ pub fn read_slots(bytes: &[u8]) -> Result<Slots, CheckError> {
         current,
         superblock,
     })
+}
+
+/// The arena size a slot records, if the slot is valid for an arena of
+/// that size.
+fn recorded_size(page: &[u8], base: u64) -> Option<u64> {
+    let (raw, _) = RawSuperblock::read_from_prefix(page).ok()?;
+    let size = raw.arena_size.get();
+    Superblock::decode(page, base, size).ok().map(|_| size)
+}
+
+/// Why an input shorter than the superblock pages is not an arena: empty,
+/// a truncated arena or image (it starts like one), or neither.
+fn short_input(bytes: &[u8], need: u64) -> CheckError {
+    let len = bytes.len() as u64;
+    let head = &bytes[..bytes.len().min(8)];
+    if head.is_empty() {
+        CheckError::Empty
+    } else if ARENA_MAGIC.to_le_bytes().starts_with(head) {
+        CheckError::Truncated {
+            offset: len,
+            expected: need,
+            found: len,
+        }
+    } else if MAGIC.starts_with(head) {
+        // Shorter than the image magic; with all of it the input is
+        // checked as an image.
+        CheckError::Image {
+            base: 0,
+            source: ParseError::Truncated {
+                offset: 0,
+                expected: HEADER_SIZE as u64,
+                found: len,
+            },
+        }
+    } else {
+        unrecognized(bytes)
+    }
+}
+
+fn unrecognized(bytes: &[u8]) -> CheckError {
+    let mut found = [0u8; 8];
+    let n = bytes.len().min(8);
+    found[..n].copy_from_slice(&bytes[..n]);
+    CheckError::Unrecognized {
+        offset: 0,
+        expected_image: MAGIC,
+        expected_arena: ARENA_MAGIC,
+        found,
+        found_len: n as u8,
+    }
 }
 
 /// An arena's current image, located through its superblocks.
@@ -810,7 +873,10 @@ impl<'i, 'a> Run<'i, 'a> {
         if size != a.layout.size() {
             self.findings.push(single(
                 "KHO-I003",
-                PhysRange::new(PhysAddr(a.image.offset), 72),
+                PhysRange::new(
+                    PhysAddr(a.image.offset),
+                    u64::from(self.image.header().header_size),
+                ),
                 format!(
                     "image header says the arena is {size:#x} bytes, the arena is {:#x}",
                     a.layout.size()
@@ -820,7 +886,8 @@ impl<'i, 'a> Run<'i, 'a> {
     }
 
     /// KHO-P002, K001 and K004: the image's SCRATCH and KFENCE sections
-    /// against the arena's regions.
+    /// against the arena's regions. SCRATCH must be the arena's scratch
+    /// region exactly; KFENCE ranges must lie inside the KFENCE region.
     fn layout_sections(&mut self) {
         let Some(a) = self.arena else { return };
         let scratch = a.layout.bytes_of(Region::Scratch);
@@ -848,15 +915,32 @@ impl<'i, 'a> Run<'i, 'a> {
                 ),
             ));
         }
-        if img_kfence != expect(kfence) {
-            self.findings.push(single(
-                "KHO-K004",
-                kfence,
-                format!(
-                    "image KFENCE section lists {}, the arena's KFENCE region is {kfence}",
-                    list(&img_kfence)
-                ),
-            ));
+        // The sampler's pool may use only part of the region (2N+1 pages
+        // of it), so the section must lie inside the region, not equal it.
+        // The parser already made its ranges sorted and disjoint.
+        let outside: Vec<PhysRange> = img_kfence
+            .iter()
+            .copied()
+            .filter(|r| intersect(*r, kfence) != Some(*r))
+            .collect();
+        if let Some(first) = outside.first() {
+            self.findings.push(Finding {
+                count: outside.len() as u64,
+                bytes: outside.iter().map(|r| r.len).sum(),
+                offsets: outside
+                    .iter()
+                    .take(self.opts.max_offsets)
+                    .map(|r| r.start)
+                    .collect(),
+                ..single(
+                    "KHO-K004",
+                    *first,
+                    format!(
+                        "image KFENCE section lists {} outside the arena's KFENCE region {kfence}",
+                        list(&outside)
+                    ),
+                )
+            });
         }
         let mut agg = Agg::default();
         for k in &img_kfence {
@@ -905,6 +989,7 @@ impl<'i, 'a> Run<'i, 'a> {
         let max = self.opts.max_offsets;
         let (mut p001, mut k002, mut k003) = (Agg::default(), Agg::default(), Agg::default());
         let (mut s001, mut s002, mut s003) = (Agg::default(), Agg::default(), Agg::default());
+        let mut s004 = Agg::default();
         let total = self.stats.preserved_bytes;
         let mut done = 0u64;
         let mut reported = 0u64;
@@ -935,7 +1020,17 @@ impl<'i, 'a> Run<'i, 'a> {
                 }
             }
             let Some(a) = self.arena else { continue };
-            if image_range.is_some_and(|i| i.overlaps(fr)) {
+            if let Some(img) = image_range.filter(|i| i.overlaps(fr)) {
+                // The image's own folio: the bytes after (or before) the
+                // image are preserved with it and must hold nothing.
+                let img_end = img.start.saturating_add(img.len);
+                let fr_end = fr.start + fr.len;
+                for (lo, hi) in [(fr.start, img.start), (img_end, fr_end)] {
+                    if lo < hi {
+                        let part = PhysRange::new(PhysAddr(lo), hi - lo);
+                        self.scan(a.bytes, part, &mut s004);
+                    }
+                }
                 continue;
             }
             if let Some(p) = slab {
@@ -987,6 +1082,9 @@ impl<'i, 'a> Run<'i, 'a> {
         self.push_agg("KHO-S003", s003, |n, b| {
             format!("{b} non-zero byte(s) in {n} range(s) of preserved folios outside every declared extent")
         });
+        self.push_agg("KHO-S004", s004, |n, b| {
+            format!("{b} non-zero byte(s) in {n} range(s) of the image's preserved folio outside the image: stale data handed to the successor with it")
+        });
     }
 
     /// Read `range` of the arena: `None` when all zero (or outside the
@@ -998,10 +1096,14 @@ impl<'i, 'a> Run<'i, 'a> {
         let i = first_nonzero(bytes)?;
         let nonzero = bytes[i..].iter().filter(|&&b| b != 0).count() as u64;
         let sample = self.opts.show_bytes.then(|| {
-            let from = i & !15;
-            let to = (from + self.opts.sample_len).min(bytes.len());
+            // From the 16-byte line of the arena that holds the first stale
+            // byte, but never before the range: its neighbours are not
+            // stale, and may be live data.
+            let at = ((range.start + i as u64) & !15).max(range.start);
+            let from = (at - range.start) as usize;
+            let to = from.saturating_add(self.opts.sample_len).min(bytes.len());
             Sample {
-                at: range.start + from as u64,
+                at,
                 bytes: bytes[from..to].to_vec(),
             }
         });
@@ -1341,10 +1443,14 @@ mod tests {
         assert!(r.skipped.is_empty());
         assert_eq!(r.kind, InputKind::Arena);
         assert_eq!(r.slot, Some((1, 2)));
-        // 61 free slots + 64-byte tail of the slab page, and the order-1
-        // folio minus its 100-byte extent.
-        // The image's own order-0 folio is preserved but not scanned.
-        assert_eq!(r.stats.scanned_bytes, 61 * 64 + 64 + (8192 - 100));
+        // 61 free slots + 64-byte tail of the slab page, the order-1
+        // folio minus its 100-byte extent, and the image's own order-0
+        // folio after the image.
+        let image_len = t.image().len() as u64;
+        assert_eq!(
+            r.stats.scanned_bytes,
+            61 * 64 + 64 + (8192 - 100) + (4096 - image_len)
+        );
         assert_eq!(r.stats.folios, 3);
         assert_eq!(calls.last(), Some(&(4 * 4096, 4 * 4096)));
     }
@@ -1421,7 +1527,8 @@ mod tests {
         t.scratch = Some(Vec::new());
         let r = run(&t.bytes());
         assert_eq!(codes(&r), ["KHO-P002", "KHO-K004", "KHO-K001"]);
-        // K002: a plain folio in the arena's pool.
+        // K002: a plain folio in the arena's pool, which the image's
+        // KFENCE section (the pool's pages, inside the region) leaves out.
         let mut t = T::new();
         let k = t.layout.kfence;
         t.map.preserve(k.start, Order::ZERO).unwrap();
@@ -1430,7 +1537,8 @@ mod tests {
             (k.pages() - 1) * PAGE_SIZE,
         )]);
         let r = run(&t.bytes());
-        assert_eq!(codes(&r), ["KHO-K004", "KHO-K002"]);
+        assert_eq!(codes(&r), ["KHO-K002"]);
+        assert_eq!(find(&r, "KHO-K002").offsets, [pa(k.start)]);
         // K003: a slab page with live objects there.
         let mut t = T::new();
         t.slab(k.start, &[1]);
@@ -1439,7 +1547,183 @@ mod tests {
             (k.pages() - 1) * PAGE_SIZE,
         )]);
         let r = run(&t.bytes());
-        assert_eq!(codes(&r), ["KHO-K004", "KHO-K003"]);
+        assert_eq!(codes(&r), ["KHO-K003"]);
+    }
+
+    #[test]
+    fn kfence_section_must_lie_inside_the_region() {
+        let t0 = T::new();
+        let k = t0.layout.bytes_of(Region::Kfence);
+        let page = |i: u64| PhysRange::new(PhysAddr(k.start + i * PAGE_SIZE), PAGE_SIZE);
+        // A pool of part of the region (as the sampler's 2N+1 pages are),
+        // in pieces, or none at all: clean.
+        for pool in [
+            vec![PhysRange::new(PhysAddr(k.start), k.len - PAGE_SIZE)],
+            vec![page(0), page(2)],
+            Vec::new(),
+        ] {
+            let mut t = T::new();
+            t.kfence = Some(pool.clone());
+            let r = run(&t.bytes());
+            assert!(r.is_clean(), "{pool:?}: {:?}", r.findings);
+        }
+        // A range reaching one page past the region, and one in general
+        // memory: K004 for both, located at the first.
+        let g = pa(t0.layout.general.start) + 8 * PAGE_SIZE;
+        let mut t = T::new();
+        // Without the slab page, so that the first preservable page (past
+        // the region) is not preserved and the parser lets it be listed.
+        t.slabs.clear();
+        t.map = PreservedMap::new(Pfn(t.layout.pages));
+        t.map
+            .preserve(t.layout.general.start, Order::new(1).unwrap())
+            .unwrap();
+        let past = PhysRange::new(PhysAddr(k.start + PAGE_SIZE), k.len);
+        let far = PhysRange::new(PhysAddr(g), PAGE_SIZE);
+        t.kfence = Some(vec![past, far]);
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-K004"]);
+        let f = find(&r, "KHO-K004");
+        assert_eq!(f.location, past);
+        assert_eq!((f.count, f.bytes), (2, k.len + PAGE_SIZE));
+        assert_eq!(f.offsets, [past.start, g]);
+        assert!(f.message.contains(&far.to_string()), "{}", f.message);
+    }
+
+    #[test]
+    fn image_folio_outside_the_image_must_be_zero() {
+        let mut t = T::new();
+        let len = t.image().len() as u64;
+        let at = t.image_at + len + 13;
+        t.writes.push((at, vec![0x42; 3]));
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-S004"]);
+        let f = find(&r, "KHO-S004");
+        assert_eq!((f.count, f.bytes, f.offsets.clone()), (1, 3, vec![at]));
+        assert_eq!(
+            f.location,
+            PhysRange::new(PhysAddr(t.image_at + len), PAGE_SIZE - len)
+        );
+        // The image bytes themselves are not stale data.
+        let r = run(&T::new().bytes());
+        assert!(r.is_clean(), "{:?}", r.findings);
+        // An image starting one page into its (order-1) folio: the page
+        // before it is checked too.
+        let mut t = T::new();
+        t.image_folio = false;
+        let head = Pfn(t.image_at / PAGE_SIZE);
+        t.map.preserve(head, Order::new(1).unwrap()).unwrap();
+        t.image_at += PAGE_SIZE;
+        t.writes.push((pa(head) + 5, vec![1]));
+        let r = run(&t.bytes());
+        assert_eq!(codes(&r), ["KHO-I001", "KHO-S004"]);
+        assert_eq!(find(&r, "KHO-S004").offsets, [pa(head) + 5]);
+    }
+
+    #[test]
+    fn samples_start_on_an_arena_line_inside_the_range() {
+        let opts = CheckOptions {
+            show_bytes: true,
+            sample_len: 32,
+            ..CheckOptions::default()
+        };
+        let g = pa(T::new().layout.general.start);
+        // The gap after the 100-byte extent starts at g + 0x64, off a
+        // 16-byte line. A stale byte at g + 0x1005: its line g + 0x1000.
+        let mut t = T::new();
+        t.writes.push((g + 0x1005, vec![9]));
+        let r = check(&t.bytes(), &opts, &mut |_, _| {}).unwrap();
+        let s = find(&r, "KHO-S003").sample.clone().unwrap();
+        assert_eq!(s.at, g + 0x1000);
+        assert_eq!(s.bytes.len(), 32);
+        assert_eq!(s.bytes[5], 9);
+        // A stale byte at g + 0x65: its line g + 0x60 starts inside the
+        // extent, so the sample starts at the gap, g + 0x64.
+        let mut t = T::new();
+        t.writes.push((g + 0x65, vec![9]));
+        let r = check(&t.bytes(), &opts, &mut |_, _| {}).unwrap();
+        let s = find(&r, "KHO-S003").sample.clone().unwrap();
+        assert_eq!(s.at, g + 0x64);
+        assert_eq!(&s.bytes[..2], &[0, 9]);
+    }
+
+    #[test]
+    fn wrong_arena_is_located_at_the_whole_header() {
+        let mut t = T::new();
+        t.image_size = 2 * SIZE;
+        let mut raw = RawImage::from_image(&Image::parse(&t.image()).unwrap());
+        raw.header_tail = vec![0; 16];
+        let image = raw.to_bytes();
+        let r = run(&t.bytes_with(&image, None));
+        assert_eq!(codes(&r), ["KHO-I003"]);
+        assert_eq!(
+            find(&r, "KHO-I003").location,
+            PhysRange::new(PhysAddr(t.image_at), 88)
+        );
+    }
+
+    #[test]
+    fn empty_short_and_truncated_inputs() {
+        let opts = CheckOptions::default();
+        let err = |b: &[u8]| check(b, &opts, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err(b""), CheckError::Empty);
+        assert!(err(b"").to_string().starts_with("empty file"));
+        // The start of an arena: its magic, then nothing.
+        let good = T::new().bytes();
+        let e = err(&good[..20]);
+        assert_eq!(
+            e,
+            CheckError::Truncated {
+                offset: 20,
+                expected: 2 * PAGE_SIZE,
+                found: 20
+            }
+        );
+        assert_eq!(
+            err(&good[..3]),
+            CheckError::Truncated {
+                offset: 3,
+                expected: 2 * PAGE_SIZE,
+                found: 3
+            }
+        );
+        // Both slots intact, the arena's tail lost.
+        let e = err(&good[..100_000]);
+        assert_eq!(
+            e,
+            CheckError::Truncated {
+                offset: 100_000,
+                expected: SIZE,
+                found: 100_000
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "arena truncated at 0x186a0: expected 0x100000 bytes, found 0x186a0"
+        );
+        // A file shorter than the image magic that starts like it.
+        let e = err(&MAGIC[..5]);
+        assert!(
+            matches!(
+                e,
+                CheckError::Image {
+                    base: 0,
+                    source: ParseError::Truncated { found: 5, .. }
+                }
+            ),
+            "{e}"
+        );
+        // Neither: only the bytes that are there are named.
+        let e = err(b"short");
+        assert!(
+            matches!(e, CheckError::Unrecognized { found, found_len: 5, .. } if &found[..5] == b"short"),
+            "{e}"
+        );
+        assert!(e.to_string().ends_with("found [73, 68, 6f, 72, 74]"), "{e}");
+        // A file longer than the size its slots record is not truncated.
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 4096]);
+        assert!(matches!(err(&long), CheckError::NoSuperblock { .. }));
     }
 
     #[test]
@@ -1560,8 +1844,6 @@ mod tests {
         assert!(matches!(e, CheckError::NoSuperblock { .. }), "{e}");
         let e = check(&vec![0u8; 300_000], &opts, &mut |_, _| {}).unwrap_err();
         assert!(matches!(e, CheckError::Unrecognized { .. }), "{e}");
-        let e = check(b"short", &opts, &mut |_, _| {}).unwrap_err();
-        assert!(matches!(e, CheckError::Unrecognized { found, .. } if &found[..5] == b"short"));
         let mut b = good.clone();
         b[4096..8192].fill(0);
         let e = check(&b, &opts, &mut |_, _| {}).unwrap_err();
@@ -1676,5 +1958,65 @@ mod tests {
         assert_eq!(r.stats.slab_pages, 1);
         assert_eq!(r.stats.tree_ranges, 1);
         assert!(r.stats.scanned_bytes > 0);
+    }
+
+    /// The sampler's pool is 2N+1 pages of the KFENCE region, and that is
+    /// what freeze writes into the KFENCE section: such an image, with
+    /// sampled objects live at freeze, checks clean.
+    #[cfg(not(miri))]
+    #[test]
+    fn a_heap_handover_with_kfence_enabled_is_clean() {
+        use crate::kfence::{PoolConfig, SampleMode};
+        use crate::{GfpFlags, Heap};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arena");
+        let (pool, region) = {
+            let heap = Heap::new(
+                crate::Arena::create_file(&path, &ArenaConfig::with_size(16 << 20)).unwrap(),
+            )
+            .unwrap();
+            let sampler = heap
+                .enable_kfence(SampleMode::Count(1), PoolConfig::default())
+                .unwrap();
+            let pool = sampler.pool().ranges();
+            let region = heap.layout().bytes_of(Region::Kfence);
+            // The pool full of sampled objects, one freed before freeze.
+            let want = sampler.pool().capacity();
+            assert!(want >= 2, "{want}");
+            let (mut sampled, mut plain) = (Vec::new(), Vec::new());
+            for i in 0..1000u32 {
+                let mut o = heap.alloc(100, GfpFlags::NONE).unwrap();
+                heap.bytes_mut(&mut o).unwrap().fill(i as u8 | 0x40);
+                if heap.region_of(o.addr().pfn()) == Some(Region::Kfence) {
+                    sampled.push(o);
+                    if sampled.len() == want {
+                        break;
+                    }
+                } else {
+                    plain.push(o);
+                }
+            }
+            assert_eq!(sampled.len(), want, "sampling with Count(1)");
+            heap.free(sampled.pop().unwrap()).unwrap();
+            let cache = heap.cache("sessions", 64, 8).unwrap();
+            let mut o = cache.alloc(GfpFlags::ZERO).unwrap();
+            heap.bytes_mut(&mut o).unwrap().fill(0x77);
+            let tree = Tree::new(Node::root("h-v1").with_range("obj", o.range()));
+            heap.freeze_and_commit(Some(&tree)).unwrap();
+            let _ = o.leak();
+            for o in sampled.into_iter().chain(plain) {
+                let _ = o.leak();
+            }
+            (pool, region)
+        };
+        // The premise: the pool is a strict part of the region.
+        assert_eq!(pool.len(), 1);
+        assert!(pool[0].start >= region.start && pool[0].len < region.len);
+        let bytes = std::fs::read(&path).unwrap();
+        let image = arena_image(&bytes).unwrap();
+        assert_eq!(image.image.kfence().collect::<Vec<_>>(), pool);
+        let r = run(&bytes);
+        assert!(r.is_clean(), "{:?}", r.findings);
+        assert_eq!(r.stats.slab_pages, 1);
     }
 }

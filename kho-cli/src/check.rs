@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();
     let mut progress = |done: u64, total: u64| {
-        if !tty || total < BAR_THRESHOLD {
+        if !bar_wanted(tty, total) {
             return;
         }
         let b = bar.get_or_insert_with(|| {
@@ -81,6 +81,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A progress bar only on a terminal, and only for a check over at least
+/// [`BAR_THRESHOLD`] bytes of preserved memory.
+fn bar_wanted(stderr_is_terminal: bool, total: u64) -> bool {
+    stderr_is_terminal && total >= BAR_THRESHOLD
+}
+
 fn human(r: &CheckReport, st: Style) -> String {
     let mut out = String::new();
     let s = &r.stats;
@@ -88,12 +94,12 @@ fn human(r: &CheckReport, st: Style) -> String {
         (Some((slot, generation)), Some(loc)) => {
             let _ = writeln!(
                 out,
-                "{} {} ({}): superblock slot {slot}, generation {generation}, image at {} ({} bytes)",
+                "{} {} ({}): superblock slot {slot}, generation {generation}, image at {} ({})",
                 st.bold("arena"),
                 hex(s.arena_size),
                 size(s.arena_size),
                 hex(loc.offset),
-                loc.len
+                size(loc.len)
             );
         }
         _ => {
@@ -135,7 +141,9 @@ fn human(r: &CheckReport, st: Style) -> String {
         }
         out.push_str(&t.render(0, st));
         for f in &r.findings {
-            if f.count > 1 || f.sample.is_some() {
+            // Stale-data findings are located at the scanned range; the
+            // stale bytes themselves are at the offsets.
+            if f.code.starts_with("KHO-S") || f.count > 1 || f.sample.is_some() {
                 let offs: Vec<String> = f.offsets.iter().map(|o| hex(*o)).collect();
                 let more = if (f.offsets.len() as u64) < f.count {
                     ", ..."
@@ -222,4 +230,20 @@ pub fn to_json(r: &CheckReport) -> serde_json::Value {
         "findings": findings,
         "skipped": r.skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bar_only_on_a_terminal_for_big_checks() {
+        assert!(bar_wanted(true, BAR_THRESHOLD));
+        assert!(bar_wanted(true, 8 << 30));
+        assert!(!bar_wanted(true, BAR_THRESHOLD - 1));
+        assert!(
+            !bar_wanted(false, 8 << 30),
+            "never when stderr is a pipe or file"
+        );
+    }
 }

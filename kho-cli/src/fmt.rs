@@ -1,6 +1,7 @@
 //! Human output helpers shared by the subcommands (and `kho demo`): sizes,
 //! aligned tables, colour on terminals only, hexdumps.
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 
@@ -24,18 +25,28 @@ pub fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
-/// Terminal styling, enabled only when the stream is a terminal and
-/// `NO_COLOR` is unset.
+/// Terminal styling, enabled only when the stream is a terminal, `NO_COLOR`
+/// is unset or empty (no-color.org) and `TERM` is not `dumb`.
 #[derive(Debug, Clone, Copy)]
 pub struct Style {
     on: bool,
+}
+
+/// Whether to colour a stream: on a terminal only, unless `NO_COLOR` has a
+/// value or the terminal is `dumb`.
+pub fn colour_enabled(terminal: bool, no_color: Option<&OsStr>, term: Option<&OsStr>) -> bool {
+    terminal && no_color.is_none_or(OsStr::is_empty) && term.is_none_or(|t| t != "dumb")
 }
 
 impl Style {
     /// Styling for standard output.
     pub fn stdout() -> Style {
         Style {
-            on: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            on: colour_enabled(
+                std::io::stdout().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+                std::env::var_os("TERM").as_deref(),
+            ),
         }
     }
 
@@ -66,6 +77,25 @@ impl Style {
     pub fn green(self, s: &str) -> String {
         self.wrap("32;1", s)
     }
+}
+
+/// Characters of `s` a terminal shows: colour sequences (`ESC [ ... m`)
+/// take no column.
+fn visible_len(s: &str) -> usize {
+    let mut n = 0;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Column alignment.
@@ -102,17 +132,17 @@ impl Table {
     /// not padded so lines carry no trailing blanks.
     pub fn render(&self, indent: usize, style: Style) -> String {
         let n = self.head.len();
-        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| h.chars().count()).collect();
+        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| visible_len(h)).collect();
         for r in &self.rows {
             for (i, c) in r.iter().enumerate().take(n) {
-                width[i] = width[i].max(c.chars().count());
+                width[i] = width[i].max(visible_len(c));
             }
         }
         let line = |cells: &[String]| {
             let mut out = " ".repeat(indent);
             for (i, (w, (_, align))) in width.iter().zip(&self.head).enumerate() {
                 let c = cells.get(i).map_or("", String::as_str);
-                let pad = w.saturating_sub(c.chars().count());
+                let pad = w.saturating_sub(visible_len(c));
                 let last = i + 1 == n;
                 match align {
                     Align::Right => {
@@ -145,13 +175,21 @@ impl Table {
     }
 }
 
-/// A classic 16-bytes-per-line hexdump with addresses starting at `at`.
+/// A classic 16-bytes-per-line hexdump of `bytes` found at address `at`.
+/// Lines start on 16-byte aligned addresses; when `at` is not aligned, the
+/// first line leaves the cells before it blank.
 pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
     let mut out = String::new();
-    for (i, chunk) in bytes.chunks(16).enumerate() {
-        let _ = write!(out, "{}{:#012x}  ", " ".repeat(indent), at + 16 * i as u64);
-        for j in 0..16 {
-            match chunk.get(j) {
+    let lead = (at % 16) as usize;
+    let mut line = at - lead as u64;
+    let mut i = 0usize;
+    while i < bytes.len() {
+        let first = if i == 0 { lead } else { 0 };
+        let n = (16 - first).min(bytes.len() - i);
+        let chunk = &bytes[i..i + n];
+        let _ = write!(out, "{}{line:#012x}  ", " ".repeat(indent));
+        for j in 0..16usize {
+            match j.checked_sub(first).and_then(|k| chunk.get(k)) {
                 Some(b) => {
                     let _ = write!(out, "{b:02x} ");
                 }
@@ -161,8 +199,8 @@ pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
                 out.push(' ');
             }
         }
-        out.push(' ');
-        out.push('|');
+        out.push_str(" |");
+        out.push_str(&" ".repeat(first));
         for &b in chunk {
             out.push(if b.is_ascii_graphic() || b == b' ' {
                 char::from(b)
@@ -172,6 +210,8 @@ pub fn hexdump(at: u64, bytes: &[u8], indent: usize) -> String {
         }
         out.push('|');
         out.push('\n');
+        i += n;
+        line += 16;
     }
     out
 }
@@ -200,9 +240,55 @@ mod tests {
     }
 
     #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert!(colour_enabled(true, None, os("xterm-256color")));
+        assert!(colour_enabled(true, None, None));
+        assert!(!colour_enabled(false, None, os("xterm")), "a pipe or file");
+        assert!(!colour_enabled(true, os("1"), os("xterm")));
+        // An empty NO_COLOR does not count (no-color.org).
+        assert!(colour_enabled(true, os(""), os("xterm")));
+        assert!(!colour_enabled(true, None, os("dumb")));
+    }
+
+    #[test]
+    fn coloured_cells_align_like_plain_ones() {
+        let on = Style { on: true };
+        let mut t = Table::new(&[("A", Align::Left), ("B", Align::Left)]);
+        t.row(vec![on.red("BAD"), "x".into()]);
+        t.row(vec!["ok".into(), "y".into()]);
+        let s = t.render(0, Style { on: false });
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[1], "\x1b[31;1mBAD\x1b[0m  x");
+        assert_eq!(lines[2], "ok   y");
+        assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
+    }
+
+    #[test]
     fn hexdump_line() {
         let d = hexdump(0x10, b"AB\0", 0);
         assert!(d.starts_with("0x0000000010  41 42 00"), "{d}");
         assert!(d.trim_end().ends_with("|AB.|"), "{d}");
+    }
+
+    #[test]
+    fn hexdump_lines_are_aligned_on_addresses() {
+        let bytes: Vec<u8> = (0x41..0x41 + 21).collect();
+        let d = hexdump(0x1c, &bytes, 2);
+        let lines: Vec<&str> = d.lines().collect();
+        assert_eq!(lines.len(), 3, "{d}");
+        // 0x1c: 12 blank cells, then A B C D.
+        assert_eq!(
+            lines[0],
+            format!(
+                "  0x0000000010  {}41 42 43 44  |{}ABCD|",
+                "   ".repeat(12) + " ",
+                " ".repeat(12)
+            )
+        );
+        assert!(lines[1].starts_with("  0x0000000020  45 46"), "{d}");
+        assert!(lines[1].ends_with("|EFGHIJKLMNOPQRST|"), "{d}");
+        assert_eq!(lines[2].split_whitespace().nth(1), Some("55"));
+        assert!(lines[2].ends_with("|U|"), "{d}");
     }
 }

@@ -1,6 +1,7 @@
 //! Opening a PATH that is either an arena file or a bare image.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -15,6 +16,8 @@ pub struct Input {
     /// The path as given.
     pub path: PathBuf,
     map: ReadOnlyFile,
+    /// Device and inode, to recognise the same file under another name.
+    id: (u64, u64),
 }
 
 /// The image of an input, with its arena context when it has one.
@@ -43,7 +46,14 @@ impl Input {
         Ok(Input {
             path: path.to_owned(),
             map,
+            id: (meta.dev(), meta.ino()),
         })
+    }
+
+    /// Whether `meta` describes this input's file (through any name, a
+    /// hard link, `/dev/stdin` or `/proc/self/fd/N` included).
+    pub fn is_same_file(&self, meta: &Metadata) -> bool {
+        self.id == (meta.dev(), meta.ino())
     }
 
     /// The bytes.

@@ -2,10 +2,12 @@
 //! is documented in `docs/CLI.md`; numbers are plain integers.
 
 use kho_alloc::check::Slots;
-use kho_alloc::superblock::ImageLocation;
-use kho_alloc::Region;
+use kho_alloc::superblock::{ImageLocation, Superblock};
+use kho_alloc::SlotError;
 use kho_core::{Image, Order, PhysRange, NR_ORDERS};
 use serde_json::{json, Value};
+
+use crate::raw::{Crc, View};
 
 /// `{"start": .., "len": ..}`.
 pub fn range(r: PhysRange) -> Value {
@@ -77,23 +79,11 @@ pub fn per_order(image: &Image<'_>) -> Vec<(Order, u64, u64)> {
     out
 }
 
-/// The whole image, as `kho inspect --json` prints it under `"image"`.
-pub fn image(image: &Image<'_>) -> Value {
+/// The whole image, as `kho inspect --json` prints it under `"image"`;
+/// `raw` (its header and table as stored) gives the CRC status.
+pub fn image(image: &Image<'_>, raw: Option<&View>) -> Value {
     let h = image.header();
-    let sections: Vec<Value> = image
-        .sections()
-        .map(|s| {
-            json!({
-                "kind": s.kind.to_string(),
-                "code": s.kind.raw(),
-                "required": s.is_required(),
-                "offset": s.offset,
-                "len": s.len,
-                "crc32": s.crc32,
-                "crc_ok": true,
-            })
-        })
-        .collect();
+    let sections = raw.map(View::sections_json).unwrap_or_default();
     let orders: Vec<Value> = per_order(image)
         .into_iter()
         .map(|(o, n, b)| json!({ "order": o.get(), "folios": n, "bytes": b }))
@@ -133,7 +123,9 @@ pub fn image(image: &Image<'_>) -> Value {
             "generation": h.generation,
             "section_count": h.section_count,
             "header_crc32": h.header_crc32,
+            "header_crc_ok": raw.is_some_and(|v| v.header_crc.is_ok()),
             "table_crc32": h.table_crc32,
+            "table_crc_ok": raw.is_some_and(|v| v.table_crc.is_ok()),
         },
         "sections": sections,
         "preserved": {
@@ -150,16 +142,14 @@ pub fn image(image: &Image<'_>) -> Value {
     })
 }
 
-/// The arena part of `kho inspect --json`.
-pub fn arena(slots: &Slots, loc: &ImageLocation) -> Value {
-    let sb = &slots.superblock;
-    let slot_list: Vec<Value> = slots
-        .slots
+/// Both slots, as `kho inspect --json` lists them under `"slots"`.
+fn slot_list(slots: &[Result<Superblock, SlotError>; 2], current: Option<usize>) -> Vec<Value> {
+    slots
         .iter()
         .enumerate()
         .map(|(i, s)| match s {
             Ok(s) => json!({
-                "slot": i, "valid": true, "current": i == slots.current,
+                "slot": i, "valid": true, "current": Some(i) == current,
                 "generation": s.generation, "flags": s.flags, "error": null,
             }),
             Err(e) => json!({
@@ -167,33 +157,57 @@ pub fn arena(slots: &Slots, loc: &ImageLocation) -> Value {
                 "generation": null, "flags": null, "error": e.to_string(),
             }),
         })
-        .collect();
-    let regions: Vec<Value> = sb
-        .layout
-        .regions()
-        .iter()
-        .map(|(r, _)| {
-            let b = sb.layout.bytes_of(*r);
-            json!({ "name": r.name(), "start": b.start, "len": b.len })
-        })
-        .collect();
+        .collect()
+}
+
+fn image_location(loc: &ImageLocation, crc: Crc) -> Value {
     json!({
-        "size": sb.layout.size(),
-        "max_order": sb.layout.max_order.get(),
-        "slots": slot_list,
-        "current_slot": slots.current,
-        "generation": sb.generation,
-        "restored": sb.flags & kho_alloc::superblock::FLAG_RESTORED != 0,
-        "regions": regions,
-        "image": { "offset": loc.offset, "len": loc.len, "crc32": loc.crc },
+        "offset": loc.offset, "len": loc.len, "crc32": loc.crc,
+        "crc_ok": crc.is_ok(), "computed_crc32": crc.computed(loc.crc),
     })
 }
 
-/// Region names in address order, for human output.
-pub fn region_rows(slots: &Slots) -> Vec<(Region, PhysRange)> {
-    let l = &slots.superblock.layout;
-    l.regions()
-        .iter()
-        .map(|(r, _)| (*r, l.bytes_of(*r)))
-        .collect()
+/// The arena part of `kho inspect --json`; `crc` is the status of the
+/// image bytes against the slot's CRC.
+pub fn arena(slots: &Slots, loc: &ImageLocation, crc: Crc) -> Value {
+    arena_partial(
+        slots.superblock.layout.size(),
+        &slots.slots,
+        Some(slots.current),
+        Some((loc, crc)),
+    )
+}
+
+/// The arena part for an arena of `size` bytes whose slots may not allow
+/// opening it: `current` is the slot in use, if any, and `image` what it
+/// records. Fields that need a usable slot are `null` without one.
+pub fn arena_partial(
+    size: u64,
+    slots: &[Result<Superblock, SlotError>; 2],
+    current: Option<usize>,
+    image: Option<(&ImageLocation, Crc)>,
+) -> Value {
+    let sb = current.and_then(|i| slots[i].as_ref().ok());
+    let regions: Vec<Value> = sb
+        .map(|sb| {
+            sb.layout
+                .regions()
+                .iter()
+                .map(|(r, _)| {
+                    let b = sb.layout.bytes_of(*r);
+                    json!({ "name": r.name(), "start": b.start, "len": b.len })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "size": sb.map_or(size, |sb| sb.layout.size()),
+        "max_order": sb.map(|sb| sb.layout.max_order.get()),
+        "slots": slot_list(slots, current),
+        "current_slot": current,
+        "generation": sb.map(|sb| sb.generation),
+        "restored": sb.map(|sb| sb.flags & kho_alloc::superblock::FLAG_RESTORED != 0),
+        "regions": regions,
+        "image": image.map(|(l, c)| image_location(l, c)),
+    })
 }

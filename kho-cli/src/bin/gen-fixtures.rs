@@ -6,8 +6,13 @@
 //!
 //! ```text
 //! cargo run -p kho-cli --bin gen-fixtures -- [OUT_DIR]   # default: fixtures
-//! gen-fixtures --bench-arena PATH SIZE_GIB PRESERVED_GIB  # for scripts/bench-check.sh
+//! gen-fixtures --bench-arena PATH SIZE PRESERVED [--dense] # for scripts/bench-check.sh
 //! ```
+//!
+//! `SIZE` and `PRESERVED` are GiB, or MiB with an `M` suffix (`300M`).
+//! `--dense` writes every preserved byte (zeros past each folio's data),
+//! so the preserved folios take disk space and sit in the page cache
+//! instead of being holes.
 //!
 //! Every arena is built directly with [`Arena`] and [`ImageBuilder`]
 //! rather than through the heap, so each fixture contains exactly the
@@ -487,6 +492,76 @@ const FIXTURES: &[(&str, Gen)] = &[
         }
         fx.write_with_image(p, &raw.to_bytes())
     }),
+    // Exit 2: both slots valid, but the older one puts the boundary
+    // between the preservable pool and general memory one page lower.
+    ("slots-disagree.arena", |p| {
+        arena_variant(p, |_| Ok(()))?;
+        let mut old = read_slot(p, 0)?;
+        old.layout.preservable.end = Pfn(old.layout.preservable.end.0 - 1);
+        old.layout.general.start = Pfn(old.layout.general.start.0 - 1);
+        write_slot(p, 0, &old)
+    }),
+    // Exit 2: an arena cut after 100000 bytes; its slots record 256 KiB.
+    ("truncated.arena", |p| {
+        arena_variant(p, |_| Ok(()))?;
+        let bytes = std::fs::read(p)?;
+        Ok(std::fs::write(p, &bytes[..100_000])?)
+    }),
+    // Exit 2: the first 20 bytes of an arena (its magic and a little).
+    ("short.arena", |p| {
+        arena_variant(p, |_| Ok(()))?;
+        let bytes = std::fs::read(p)?;
+        Ok(std::fs::write(p, &bytes[..20])?)
+    }),
+    // Exit 2: the first 5 bytes of an image, shorter than its magic.
+    ("short.img", |p| {
+        Ok(std::fs::write(p, &clean_image()?[..5])?)
+    }),
+    // Exit 2: no bytes at all.
+    ("empty.bin", |p| Ok(std::fs::write(p, [])?)),
+    // Exit 2: 4 KiB of pseudo-random bytes (xorshift, fixed seed).
+    ("random.bin", |p| {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        Ok(std::fs::write(p, bytes)?)
+    }),
+    // KHO-P002 alone: the image's SCRATCH section lists only the second
+    // scratch page; nothing is preserved in the first.
+    ("scratch-differs.arena", |p| {
+        arena_variant(p, |fx| {
+            let s = fx.layout.scratch;
+            fx.scratch = Some(vec![page_range(Pfn(s.start.0 + 1), s.pages() - 1)]);
+            Ok(())
+        })
+    }),
+    // KHO-K004 alone: the image's KFENCE section lists the arena's pool
+    // and two unpreserved pages of general memory (pages 30-31).
+    ("kfence-outside.arena", |p| {
+        arena_variant(p, |fx| {
+            fx.kfence = Some(vec![
+                fx.layout.bytes_of(Region::Kfence),
+                page_range(fx.pfn(Region::General, 6), 2),
+            ]);
+            Ok(())
+        })
+    }),
+    // KHO-S004: bytes left after the image in its own folio, as a folio
+    // reused from an earlier, longer image would hold.
+    ("stale-image-folio.arena", |p| {
+        let fx = Fx::clean()?;
+        let image = fx.image()?;
+        let mut fx = fx;
+        let at = PhysAddr(addr(fx.image_at).0 + image.len() as u64 + 0x100);
+        fx.writes.push((at, b"previous image tail".to_vec()));
+        fx.write(p)
+    }),
     // KHO-T001 and T002 in a bare image (its other checks are skipped).
     ("dangling.img", |p| {
         let mut fx = Fx::clean()?;
@@ -576,12 +651,21 @@ fn names() -> impl Iterator<Item = &'static str> {
 fn main() -> std::process::ExitCode {
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     if args.first().is_some_and(|a| a == "--bench-arena") {
-        let parse = |i: usize| -> Option<u64> { args.get(i)?.to_str()?.parse().ok() };
-        let (Some(path), Some(size), Some(preserved)) = (args.get(1), parse(2), parse(3)) else {
-            eprintln!("gen-fixtures: usage: --bench-arena PATH SIZE_GIB PRESERVED_GIB");
+        let parse = |i: usize| -> Option<u64> { bytes_arg(args.get(i)?.to_str()?) };
+        let dense = match args.get(4).and_then(|a| a.to_str()) {
+            None => Some(false),
+            Some("--dense") if args.len() == 5 => Some(true),
+            Some(_) => None,
+        };
+        let (Some(path), Some(size), Some(preserved), Some(dense)) =
+            (args.get(1), parse(2), parse(3), dense)
+        else {
+            eprintln!(
+                "gen-fixtures: usage: --bench-arena PATH SIZE PRESERVED [--dense] (GiB, or MiB with an M suffix)"
+            );
             return std::process::ExitCode::from(2);
         };
-        return match bench_arena(Path::new(path), size << 30, preserved << 30) {
+        return match bench_arena(Path::new(path), size, preserved, dense) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("gen-fixtures: {e:#}");
@@ -613,11 +697,21 @@ fn generate(out: &Path) -> Result<usize> {
     Ok(names().count())
 }
 
-/// A large, sparse arena for measuring `kho check`: `preserved` bytes of
-/// order-9 folios in general memory, each with 4 KiB of data declared by an
+/// `"8"` is 8 GiB, `"300M"` 300 MiB.
+fn bytes_arg(s: &str) -> Option<u64> {
+    let (n, shift) = match s.strip_suffix(['M', 'm']) {
+        Some(n) => (n, 20),
+        None => (s.strip_suffix(['G', 'g']).unwrap_or(s), 30),
+    };
+    n.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// A large arena for measuring `kho check`: `preserved` bytes of order-9
+/// folios in general memory, each with 4 KiB of data declared by an
 /// extent, so the checker must read the other 2044 KiB of every folio.
-/// Only the data pages take disk space.
-fn bench_arena(path: &Path, size: u64, preserved: u64) -> Result<()> {
+/// Sparse (only the data pages take disk space) unless `dense`, which
+/// writes the zeros too and syncs them.
+fn bench_arena(path: &Path, size: u64, preserved: u64, dense: bool) -> Result<()> {
     let cfg = ArenaConfig::with_size(size);
     let mut arena = Arena::create_file(path, &cfg)?;
     let layout = *arena.layout();
@@ -626,8 +720,8 @@ fn bench_arena(path: &Path, size: u64, preserved: u64) -> Result<()> {
     let start = layout.general.start.0.next_multiple_of(folio.pages());
     anyhow::ensure!(
         start + (count + 1) * folio.pages() <= layout.pages,
-        "{} GiB of folios do not fit in the general region",
-        preserved >> 30
+        "{} MiB of folios do not fit in the general region",
+        preserved >> 20
     );
     let mut map = PreservedMap::new(Pfn(layout.pages));
     map.preserve_folios(Pfn(start), folio, count)?;
@@ -636,6 +730,10 @@ fn bench_arena(path: &Path, size: u64, preserved: u64) -> Result<()> {
     for i in 0..count {
         let at = addr(Pfn(start + i * folio.pages()));
         arena.write(at, &data)?;
+        if dense {
+            let rest = PhysRange::new(PhysAddr(at.0 + PAGE_SIZE), folio.bytes() - PAGE_SIZE);
+            arena.bytes_mut(rest)?.fill(0);
+        }
         extents.push(Extent {
             range: PhysRange::new(at, PAGE_SIZE),
             tag: 1,
@@ -654,6 +752,9 @@ fn bench_arena(path: &Path, size: u64, preserved: u64) -> Result<()> {
     })?;
     let at = addr(image_pfn);
     arena.write(at, &image)?;
+    if dense {
+        arena.sync(PhysRange::new(PhysAddr(0), layout.size()))?;
+    }
     arena.commit_image(ImageLocation {
         offset: at.0,
         len: image.len() as u64,

@@ -1,79 +1,104 @@
 //! Golden outputs: the exact text and JSON of each command on each
-//! fixture, under `kho-cli/tests/golden/`. Re-bless with `KHO_BLESS=1`.
+//! fixture, and of `kho diff` on pairs, under `kho-cli/tests/golden/`.
+//! Re-bless with `KHO_BLESS=1` (which also removes golden files no run
+//! produces any more).
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
 
-use crate::common::{kho, EXPECTED};
+use crate::common::{compare, fixture_table, golden_dir, kho, kho_in, record};
 
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-/// Compare `actual` with the golden file `name`, or write it when
-/// blessing. Returns a description of the mismatch.
-fn compare(name: &str, actual: &str) -> Option<String> {
-    let path = golden_dir().join(name);
-    if std::env::var_os("KHO_BLESS").is_some_and(|v| v == "1") {
-        std::fs::create_dir_all(golden_dir()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-        return None;
-    }
-    match std::fs::read_to_string(&path) {
-        Ok(expected) if expected == actual => None,
-        Ok(expected) => Some(format!(
-            "{name}: output differs from the golden file\n--- expected\n{expected}\n--- actual\n{actual}"
-        )),
-        Err(e) => Some(format!("{name}: no golden file ({e}); run with KHO_BLESS=1")),
-    }
-}
-
-fn record(out: &crate::common::Out) -> String {
-    format!(
-        "exit: {}\n--- stdout\n{}--- stderr\n{}",
-        out.code, out.stdout, out.stderr
-    )
+fn blessing() -> bool {
+    std::env::var_os("KHO_BLESS").is_some_and(|v| v == "1")
 }
 
 #[test]
 fn golden_outputs() {
     let mut failures = Vec::new();
-    let mut runs: Vec<(String, Vec<&str>)> = Vec::new();
-    for (name, _, _) in EXPECTED {
-        runs.push((format!("{name}.check.txt"), vec!["check", name]));
-        runs.push((format!("{name}.check.json"), vec!["check", name, "--json"]));
+    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    let mut add = |file: String, args: &[&str]| {
+        runs.push((file, args.iter().map(|a| (*a).to_owned()).collect()));
+    };
+    for row in fixture_table() {
+        let name = row.file.as_str();
+        for cmd in ["check", "inspect", "ranges"] {
+            add(format!("{name}.{cmd}.txt"), &[cmd, name]);
+            add(format!("{name}.{cmd}.json"), &[cmd, name, "--json"]);
+        }
     }
-    for name in ["clean.arena", "clean.img", "dangling.img"] {
-        runs.push((format!("{name}.inspect.txt"), vec!["inspect", name]));
-        runs.push((
-            format!("{name}.inspect.json"),
-            vec!["inspect", name, "--json"],
-        ));
-        runs.push((format!("{name}.ranges.txt"), vec!["ranges", name]));
+    for name in ["clean.arena", "kfence-slab.arena"] {
+        add(
+            format!("{name}.ranges-folios.txt"),
+            &["ranges", name, "--folios"],
+        );
+        add(
+            format!("{name}.ranges-folios.json"),
+            &["ranges", name, "--folios", "--json"],
+        );
+        add(
+            format!("{name}.ranges-order0.txt"),
+            &["ranges", name, "--order", "0"],
+        );
+        add(
+            format!("{name}.ranges-order0.json"),
+            &["ranges", name, "--order", "0", "--json"],
+        );
+        add(
+            format!("{name}.ranges-order1-folios.txt"),
+            &["ranges", name, "--order", "1", "--folios"],
+        );
     }
-    runs.push((
-        "clean.arena.ranges-folios.json".into(),
-        vec!["ranges", "clean.arena", "--folios", "--json"],
-    ));
-    runs.push((
-        "stale-free-slot.arena.check-bytes.txt".into(),
-        vec!["check", "stale-free-slot.arena", "--show-bytes"],
-    ));
-    runs.push((
-        "diff-clean-kfence-slab.txt".into(),
-        vec!["diff", "clean.arena", "kfence-slab.arena"],
-    ));
-    runs.push((
-        "diff-clean-kfence-slab.json".into(),
-        vec!["diff", "clean.arena", "kfence-slab.arena", "--json"],
-    ));
-    runs.push((
-        "diff-clean-dangling.txt".into(),
-        vec!["diff", "clean.img", "dangling.img"],
-    ));
+    for name in [
+        "stale-free-slot.arena",
+        "stale-slab-tail.arena",
+        "stale-outside-extent.arena",
+        "stale-image-folio.arena",
+    ] {
+        add(
+            format!("{name}.check-bytes.txt"),
+            &["check", name, "--show-bytes"],
+        );
+        add(
+            format!("{name}.check-bytes.json"),
+            &["check", name, "--show-bytes", "--json"],
+        );
+    }
+    for (name, a, b) in crate::diff::FIXTURE_PAIRS {
+        add(format!("diff-{name}.txt"), &["diff", a, b]);
+        add(format!("diff-{name}.json"), &["diff", a, b, "--json"]);
+    }
+    let mut produced = BTreeSet::new();
     for (file, args) in &runs {
-        let out = kho(args);
-        if let Some(f) = compare(file, &record(&out)) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Some(f) = compare(file, &record(&kho(&args))) {
             failures.push(f);
+        }
+        produced.insert(file.clone());
+    }
+    // Each edit of the clean image against it, run where they are written.
+    let dir = tempfile::tempdir().unwrap();
+    for name in crate::diff::write_cases(dir.path()) {
+        let b = format!("{name}.img");
+        for (suffix, json) in [("txt", false), ("json", true)] {
+            let mut args = vec!["diff", "clean.img", b.as_str()];
+            if json {
+                args.push("--json");
+            }
+            let file = format!("diff-edit-{name}.{suffix}");
+            if let Some(f) = compare(&file, &record(&kho_in(dir.path(), &args))) {
+                failures.push(f);
+            }
+            produced.insert(file);
+        }
+    }
+    // A golden file no run produces is stale.
+    for e in std::fs::read_dir(golden_dir()).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if !produced.contains(&name) {
+            if blessing() {
+                std::fs::remove_file(golden_dir().join(&name)).unwrap();
+            } else {
+                failures.push(format!("{name}: no run produces this golden file"));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

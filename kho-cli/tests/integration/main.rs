@@ -2,5 +2,7 @@
 
 mod commands;
 mod common;
+mod diff;
 mod fixtures;
 mod golden;
+mod terminal;
