@@ -2,15 +2,21 @@
 # Measure `kho check` on a large sparse arena against `cat ARENA > /dev/null`
 # in the same run (issue: target <= 1.5x the time of cat).
 #
-#   scripts/bench-check.sh [SIZE_GIB [PRESERVED_GIB]]     # default 8 and 1
+#   scripts/bench-check.sh [--dense] [SIZE_GIB [PRESERVED_GIB]]   # default 8 and 1
 #
 # The arena is written by `gen-fixtures --bench-arena`: PRESERVED_GIB of
 # order-9 folios, each with one 4 KiB extent of data, so the checker reads
 # every other byte of preserved memory looking for stale data. The file is
-# sparse: only the data pages (or the page-cache folios around them) use
-# disk. Uses hyperfine when installed
+# sparse (only the data pages use disk) unless --dense, which writes every
+# preserved byte, so the checker reads real, resident pages rather than
+# holes. Uses hyperfine when installed
 # (apt-get install hyperfine), /usr/bin/time-style timing otherwise.
 set -euo pipefail
+dense=()
+if [ "${1:-}" = "--dense" ]; then
+    dense=(--dense)
+    shift
+fi
 size=${1:-8}
 preserved=${2:-1}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +25,7 @@ cargo build --release -p kho-cli --bins --manifest-path "$root/Cargo.toml"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 arena=$dir/bench.arena
-"$target/release/gen-fixtures" --bench-arena "$arena" "$size" "$preserved"
+"$target/release/gen-fixtures" --bench-arena "$arena" "$size" "$preserved" "${dense[@]}"
 echo "arena: $(du -h --apparent-size "$arena" | cut -f1) apparent, $(du -h "$arena" | cut -f1) on disk"
 kho=$target/release/kho
 set +e
