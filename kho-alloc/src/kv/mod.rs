@@ -666,48 +666,60 @@ impl KvStore {
                 format!("len {len}, next {next}"),
             ));
         }
-        let mut take = |kind: &str, count: u64, order: Order| -> Result<Vec<Pages>> {
-            let mut out = Vec::new();
-            let nodes = (count as usize).div_ceil(RANGES_PER_NODE);
-            for n in 0..nodes {
-                let name = format!("{kind}-{n}");
-                let child = node
-                    .child(&name)
-                    .ok_or_else(|| bad("segment node", name.clone(), "<missing>".to_owned()))?;
-                let end = ((n + 1) * RANGES_PER_NODE).min(count as usize);
-                for i in n * RANGES_PER_NODE..end {
-                    let range: PhysRange = child.range_prop(&i.to_string())?;
-                    let pfn = range.start().aligned_pfn().ok_or_else(|| {
-                        bad(
-                            "segment start",
-                            "page aligned".into(),
-                            format!("{:#x}", range.start),
-                        )
-                    })?;
-                    check("segment length", order.bytes(), range.len)?;
-                    let pages = restored.take_folio(pfn).ok_or_else(|| {
-                        bad(
-                            "segment",
-                            "a preserved folio".into(),
-                            format!("{:#x}", range.start),
-                        )
-                    })?;
-                    if pages.folio() != (Folio { pfn, order }) {
-                        let found = pages.folio().order.get();
-                        let _ = heap.free_pages(pages);
-                        return Err(bad(
-                            "segment order",
-                            order.get().to_string(),
-                            found.to_string(),
-                        ));
+        let free = node.u64_prop("free")?;
+        let digest = node.u64_prop("digest")?;
+        // Folios taken so far; on any error they go back to the heap, so a
+        // failed restore takes nothing.
+        let mut taken: Vec<Pages> = Vec::new();
+        let mut take =
+            |kind: &str, count: u64, order: Order, taken: &mut Vec<Pages>| -> Result<()> {
+                let nodes = (count as usize).div_ceil(RANGES_PER_NODE);
+                for n in 0..nodes {
+                    let name = format!("{kind}-{n}");
+                    let child = node
+                        .child(&name)
+                        .ok_or_else(|| bad("segment node", name.clone(), "<missing>".to_owned()))?;
+                    let end = ((n + 1) * RANGES_PER_NODE).min(count as usize);
+                    for i in n * RANGES_PER_NODE..end {
+                        let range: PhysRange = child.range_prop(&i.to_string())?;
+                        let pfn = range.start().aligned_pfn().ok_or_else(|| {
+                            bad(
+                                "segment start",
+                                "page aligned".into(),
+                                format!("{:#x}", range.start),
+                            )
+                        })?;
+                        check("segment length", order.bytes(), range.len)?;
+                        let pages = restored.take_folio(pfn).ok_or_else(|| {
+                            bad(
+                                "segment",
+                                "a preserved folio".into(),
+                                format!("{:#x}", range.start),
+                            )
+                        })?;
+                        let found = pages.folio();
+                        taken.push(pages);
+                        if found != (Folio { pfn, order }) {
+                            return Err(bad(
+                                "segment order",
+                                order.get().to_string(),
+                                found.order.get().to_string(),
+                            ));
+                        }
                     }
-                    out.push(pages);
                 }
+                Ok(())
+            };
+        let took = take("records", geo.record_folios, geo.record_order, &mut taken)
+            .and_then(|()| take("index", geo.index_folios, geo.index_order, &mut taken));
+        if let Err(e) = took {
+            for p in taken {
+                let _ = heap.free_pages(p);
             }
-            Ok(out)
-        };
-        let mut records = take("records", geo.record_folios, geo.record_order)?;
-        let index = take("index", geo.index_folios, geo.index_order)?;
+            return Err(e);
+        }
+        let index = taken.split_off(geo.record_folios as usize);
+        let mut records = taken;
         records.sort_by_key(|p| p.addr());
         let store = KvStore {
             heap: heap.clone(),
@@ -717,11 +729,14 @@ impl KvStore {
             index,
             len,
             next,
-            free: node.u64_prop("free")?,
-            digest: node.u64_prop("digest")?,
+            free,
+            digest,
         };
         if store.free != 0 {
-            store.locate(store.free)?;
+            if let Err(e) = store.locate(store.free) {
+                let _ = store.destroy();
+                return Err(e);
+            }
         }
         Ok(store)
     }
@@ -759,6 +774,20 @@ impl KvSubsystem {
     pub fn cold_start_on_mismatch(mut self, yes: bool) -> KvSubsystem {
         self.cold_on_mismatch = yes;
         self
+    }
+
+    /// Give back a store taken by restore or cold start (abort_restore).
+    fn drop_store(&mut self) {
+        let store = self
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(store) = store {
+            // Its folios go back to the heap being torn down; a refusal
+            // leaves them to that heap.
+            let _ = store.destroy();
+        }
     }
 }
 
@@ -811,6 +840,10 @@ impl Subsystem for KvSubsystem {
         let store = KvStore::from_node(&heap, cx.restored(), node).map_err(boxed)?;
         *self.store.write().unwrap_or_else(PoisonError::into_inner) = Some(store);
         Ok(())
+    }
+
+    fn abort_restore(&mut self) {
+        self.drop_store();
     }
 
     fn on_incompatible(&mut self, _error: &SessionError) -> Recovery {
@@ -874,6 +907,48 @@ mod tests {
         let r = kv.verify(|k, _| k != 1).unwrap();
         assert_eq!(r.bad, 1);
         assert!(!r.consistent);
+    }
+
+    /// A node that does not describe the store takes no folio: those taken
+    /// before the error go back to the heap.
+    #[test]
+    fn a_refused_node_takes_no_folio() {
+        let heap = heap();
+        let mut kv = KvStore::new(
+            &heap,
+            KvConfig {
+                capacity: 5000,
+                value_size: 24,
+            },
+        )
+        .unwrap();
+        kv.insert(1, b"one").unwrap();
+        for p in kv.folios() {
+            heap.preserve_pages(p).unwrap();
+        }
+        let mut node = Node::new("kv", KV_COMPATIBLE);
+        kv.to_node(&mut node);
+        node.children.retain(|c| !c.name.starts_with("index"));
+        let mut root = Node::root("kv-test-v1");
+        root.push_child(node);
+        heap.freeze_and_commit(Some(&kho_core::Tree::new(root)))
+            .unwrap();
+        drop(kv);
+        let (heap, mut restored) = Heap::restore(heap.into_arena().unwrap()).unwrap();
+        let tree = restored.tree.take().unwrap();
+        let node = tree.root().child("kv").unwrap();
+        match KvStore::from_node(&heap, &mut restored, node) {
+            Err(KvError::Node { what, .. }) => assert_eq!(what, "segment node"),
+            other => panic!("{other:?}"),
+        }
+        // Only the index folios, never taken, are still allocated.
+        let left: u64 = restored
+            .folios
+            .iter()
+            .map(|p| p.folio().order.pages())
+            .sum();
+        assert!(left > 0);
+        assert_eq!(heap.stats().preservable.allocated_pages, left);
     }
 
     #[test]
