@@ -1,8 +1,8 @@
 //! Handover sessions: the state machine (an explicit matrix), cancel and
 //! abort, freeze and commit failures, restore's validation and rollback,
-//! deferred frees and preservable caches through a session, crash
-//! consistency at every fault point (in child processes that die there),
-//! frees from signal handlers, and restart handover.
+//! deferred frees and preservable caches through a session, a quiesced
+//! store, crash consistency at every fault point (in child processes that
+//! die there), frees from signal handlers, and restart handover.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use kho_alloc::deferred::DeferredFrees;
 use kho_alloc::epoch::Cleanup;
 use kho_alloc::kv::demo::fill_value;
-use kho_alloc::kv::{KvConfig, KvHandle, KvStore, KvSubsystem};
+use kho_alloc::kv::{KvConfig, KvError, KvHandle, KvStore, KvSubsystem};
 use kho_alloc::session::{
     arm, disarm, BoxError, FaultAction, FaultPoint, Op, PrepareCx, Recovery, RestoreCx, Session,
     SessionError, Start, State, Subsystem,
@@ -822,6 +822,12 @@ fn abort_withdraws_a_committed_handover() {
     assert!(!sampler.is_enabled());
     let fd: i32 = s.exec_env().unwrap().1.parse().unwrap();
     assert_eq!(kho_alloc::session::cloexec(fd), Some(false));
+    // The store is frozen while committed.
+    assert!(matches!(
+        kv.write().unwrap().as_mut().unwrap().insert(1, b"x"),
+        Err(KvError::Frozen { op: "insert" })
+    ));
+
     // A failed abort keeps the handover published.
     let armed = Armed::fail(FaultPoint::BeforeSlotSync);
     let e = s.abort().unwrap_err();
@@ -847,6 +853,13 @@ fn abort_withdraws_a_committed_handover() {
         after.general.allocated_pages,
         before.general.allocated_pages
     );
+    // Serving again.
+    kv.write()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .insert(1, b"x")
+        .unwrap();
     drop(s);
     drop(kv);
     drop(heap);
@@ -1294,6 +1307,95 @@ fn deferred_frees_and_preservable_caches_through_a_session() {
     assert_eq!(cache.live(), 50);
     assert!(taken.iter().all(|(a, _)| *a != late_addr));
     verify(&kv, 10);
+}
+
+// ---- a quiesced store -------------------------------------------------------
+
+#[test]
+fn freeze_quiesces_the_store_and_cancel_lets_writers_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, kv, _) = predecessor(&dir.path().join("a"), 10);
+    s.prepare().unwrap();
+    // Writers go on while prepared.
+    kv.write()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .insert(100, b"v")
+        .unwrap();
+    s.freeze().unwrap();
+    {
+        let mut g = kv.write().unwrap();
+        let store = g.as_mut().unwrap();
+        assert!(store.is_frozen());
+        assert!(matches!(
+            store.insert(101, b"v"),
+            Err(KvError::Frozen { op: "insert" })
+        ));
+        assert!(matches!(
+            store.remove(100),
+            Err(KvError::Frozen { op: "remove" })
+        ));
+        // Readers are not affected.
+        assert_eq!(store.get(100).unwrap().as_deref(), Some(&b"v"[..]));
+    }
+    s.cancel().unwrap();
+    assert!(!kv.read().unwrap().as_ref().unwrap().is_frozen());
+    kv.write()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .insert(101, b"v")
+        .unwrap();
+}
+
+#[test]
+fn a_writer_holding_the_store_fails_freeze_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let heap = Heap::new(Arena::create_file(&path, &cfg()).unwrap()).unwrap();
+    let kv = filled_store(&heap, 10);
+    let mut s = Session::new(&heap);
+    s.register(Box::new(
+        KvSubsystem::new("kv", Arc::clone(&kv), kv_cfg(10))
+            .freeze_wait(std::time::Duration::from_millis(20)),
+    ))
+    .unwrap();
+    s.prepare().unwrap();
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let w = Arc::clone(&kv);
+    let writer = std::thread::spawn(move || {
+        let _g = w.write().unwrap();
+        held_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    });
+    held.recv().unwrap();
+    match s.freeze() {
+        Err(SessionError::Subsystem {
+            subsystem,
+            op,
+            source,
+        }) => {
+            assert_eq!((subsystem.as_str(), op), ("kv", Op::Freeze));
+            assert!(matches!(
+                source.downcast_ref::<KvError>(),
+                Some(KvError::Busy { .. })
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.state(), State::Normal);
+    release.send(()).unwrap();
+    writer.join().unwrap();
+    s.barrier();
+    assert_eq!(heap.stats().preserved_folios, 0);
+    kv.write()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .insert(77, b"v")
+        .unwrap();
 }
 
 // ---- crash consistency ------------------------------------------------------
