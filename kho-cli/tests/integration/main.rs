@@ -2,5 +2,6 @@
 
 mod commands;
 mod common;
+mod demo;
 mod fixtures;
 mod golden;
