@@ -4,9 +4,10 @@
 //! - `freeze`: preserve every slab page, scrub, build and write the image
 //!   (then discard it, untimed work being nil).
 //! - `restore`: parse the image, claim the preserved folios, release the
-//!   rest, rebuild the cache and hand out a handle per live object. Each
-//!   sample restores an arena that the previous sample froze and committed
-//!   again (untimed).
+//!   rest, and rebuild the cache with its live objects (their handles are
+//!   handed out lazily, from per-slab bitmaps, so this costs time per slab
+//!   page rather than per object). Each sample restores an arena that the
+//!   previous sample froze and committed again (untimed).
 
 use std::time::{Duration, Instant};
 

@@ -15,7 +15,12 @@
 //!    *not* current, with the generation incremented, and `msync` that page.
 //!
 //! A crash before step 3 completes leaves the previous slot, and therefore
-//! the previous image, current. [`Arena::commit_image`] runs steps 2 and 3.
+//! the previous image, current; a slot torn by a crash fails its CRC and is
+//! ignored. A publish whose `msync` fails puts the slot page's previous
+//! bytes back before returning the error, so no half-published slot stays
+//! in the mapping. [`Arena::commit_image`] runs steps 2 and 3. The steps
+//! carry the [`FaultPoint`]s of the commit
+//! protocol.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -31,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::layout::{ArenaConfig, Layout, Region, MIN_ARENA_SIZE, SUPERBLOCK_PAGES};
 use crate::mapping::Mapping;
 use crate::raw;
+use crate::session::fault::{self, FaultPoint};
 use crate::superblock::{ImageLocation, Superblock, FLAG_RESTORED};
 
 #[derive(Debug, Clone, Copy)]
@@ -138,8 +144,9 @@ impl Arena {
                 generation: 0,
                 ..first
             },
+            false,
         )?;
-        arena.write_slot(0, &first)?;
+        arena.write_slot(0, &first, false)?;
         Ok(arena)
     }
 
@@ -413,11 +420,19 @@ impl Arena {
         self.map.flush_range(off, len).map_err(Error::io("msync"))
     }
 
-    fn write_slot(&self, slot: usize, sb: &Superblock) -> Result<()> {
+    /// Write `sb` into slot `slot` and `msync` its page. If the `msync`
+    /// fails, the page's previous bytes are put back (and synced as far as
+    /// the system allows), so that a failed publish leaves no new slot in
+    /// the mapping for a later reader or writeback to pick up.
+    ///
+    /// `publishing` enables the fault points of a publish (not of
+    /// [`format`](Self::format)).
+    fn write_slot(&self, slot: usize, sb: &Superblock, publishing: bool) -> Result<()> {
         if !self.map.writable() {
             return Err(Error::ReadOnly);
         }
         let raw = sb.encode();
+        let raw = raw.as_bytes();
         let off = slot * PAGE_SIZE as usize;
         // SAFETY:
         // - `off + PAGE_SIZE <= size` because every arena has at least
@@ -426,22 +441,50 @@ impl Arena {
         //   (or before the arena is shared, in `format`), and `bytes` never
         //   lends them out on a writable arena.
         let page = unsafe { raw::slice_mut(self.map.ptr(), off, PAGE_SIZE as usize) };
+        let mut old = [0u8; PAGE_SIZE as usize];
+        old.copy_from_slice(page);
+        let sync = |page: &mut [u8], fault: Option<FaultPoint>| {
+            let injected = match fault {
+                Some(point) => fault::hit(point),
+                None => Ok(()),
+            };
+            let synced = injected.and_then(|()| self.map.flush_range(off, PAGE_SIZE as usize));
+            if let Err(e) = synced {
+                page.copy_from_slice(&old);
+                let _ = self.map.flush_range(off, PAGE_SIZE as usize);
+                return Err(Error::Io {
+                    op: "msync",
+                    source: e,
+                });
+            }
+            Ok(())
+        };
+        if publishing && fault::armed(FaultPoint::TornSuperblock) {
+            // What a crash in the middle of the slot write leaves: the
+            // first half of the new slot over the old one, durable.
+            let half = raw.len() / 2;
+            page[..half].copy_from_slice(&raw[..half]);
+            let _ = self.map.flush_range(off, PAGE_SIZE as usize);
+            sync(page, Some(FaultPoint::TornSuperblock))?;
+        }
         page.fill(0);
-        page[..raw.as_bytes().len()].copy_from_slice(raw.as_bytes());
-        self.map
-            .flush_range(off, PAGE_SIZE as usize)
-            .map_err(Error::io("msync"))
+        page[..raw.len()].copy_from_slice(raw);
+        sync(page, publishing.then_some(FaultPoint::BeforeSlotSync))
     }
 
     /// Step 3 of a commit: write the superblock for `image` (or no image)
     /// into the non-current slot with the next generation, `msync` it, and
     /// make it current. Returns the new generation. The caller must have
-    /// made the image bytes durable first ([`sync`](Self::sync)).
+    /// made the image bytes durable first ([`sync`](Self::sync)). On error
+    /// the previous slot stays current and the other slot's bytes are
+    /// unchanged.
     pub fn publish(&self, image: Option<ImageLocation>) -> Result<u64> {
-        self.publish_flags(image, 0)
+        self.check_image_location(image)?;
+        let mut meta = self.meta();
+        self.publish_locked(&mut meta, image, 0)
     }
 
-    fn publish_flags(&self, image: Option<ImageLocation>, flags: u32) -> Result<u64> {
+    fn check_image_location(&self, image: Option<ImageLocation>) -> Result<()> {
         if let Some(loc) = image {
             let range = PhysRange::new(PhysAddr(loc.offset), loc.len);
             self.check(range)?;
@@ -453,7 +496,15 @@ impl Arena {
                 });
             }
         }
-        let mut meta = self.meta();
+        Ok(())
+    }
+
+    fn publish_locked(
+        &self,
+        meta: &mut Meta,
+        image: Option<ImageLocation>,
+        flags: u32,
+    ) -> Result<u64> {
         let next = Superblock {
             layout: self.layout,
             generation: meta.sb.generation.wrapping_add(1),
@@ -461,22 +512,60 @@ impl Arena {
             flags,
         };
         let slot = 1 - meta.slot;
-        self.write_slot(slot, &next)?;
+        self.write_slot(slot, &next, true)?;
         *meta = Meta { slot, sb: next };
+        // The slot is durable: nothing after this point fails the publish.
+        let _ = fault::hit(FaultPoint::AfterPublish);
         Ok(next.generation)
     }
 
     /// Steps 2 and 3 of a commit: `msync` the image range, then publish.
     pub fn commit_image(&self, image: ImageLocation) -> Result<u64> {
+        self.check_image_location(Some(image))?;
         self.sync(PhysRange::new(PhysAddr(image.offset), image.len))?;
-        self.publish(Some(image))
+        fault::hit(FaultPoint::AfterImageSync).map_err(Error::io("publish"))?;
+        let mut meta = self.meta();
+        self.publish_locked(&mut meta, Some(image), 0)
+    }
+
+    /// [`commit_image`](Self::commit_image) of an image that records
+    /// `generation`: refused, with nothing written, unless that is the
+    /// generation the publish produces (an image frozen before another
+    /// commit would otherwise be published under a generation it does not
+    /// record).
+    pub(crate) fn commit_image_as(&self, image: ImageLocation, generation: u64) -> Result<u64> {
+        self.check_image_location(Some(image))?;
+        let next = self.generation().wrapping_add(1);
+        if next != generation {
+            return Err(Error::Inconsistent {
+                addr: image.offset,
+                what: "frozen image generation (another commit came first)",
+                expected: next,
+                found: generation,
+            });
+        }
+        self.sync(PhysRange::new(PhysAddr(image.offset), image.len))?;
+        fault::hit(FaultPoint::AfterImageSync).map_err(Error::io("publish"))?;
+        let mut meta = self.meta();
+        let next = meta.sb.generation.wrapping_add(1);
+        if next != generation {
+            return Err(Error::Inconsistent {
+                addr: image.offset,
+                what: "frozen image generation (another commit came first)",
+                expected: next,
+                found: generation,
+            });
+        }
+        self.publish_locked(&mut meta, Some(image), 0)
     }
 
     /// Record that the current image has been restored, so that a second
-    /// restore of it is refused. Returns the new generation.
+    /// restore of it is refused. Reads and publishes under one lock.
+    /// Returns the new generation.
     pub fn mark_restored(&self) -> Result<u64> {
-        let image = self.current_image();
-        self.publish_flags(image, FLAG_RESTORED)
+        let mut meta = self.meta();
+        let image = meta.sb.image;
+        self.publish_locked(&mut meta, image, FLAG_RESTORED)
     }
 
     /// The bytes of the current image after checking its CRC32.
@@ -562,6 +651,34 @@ mod tests {
         assert_eq!(a.generation(), 1);
         // The next publish overwrites the bad slot.
         assert_eq!(a.publish(None).unwrap(), 2);
+        drop(a);
+        assert_eq!(Arena::open(&path).unwrap().generation(), 2);
+    }
+
+    #[test]
+    fn a_failed_publish_leaves_no_new_slot() {
+        use crate::session::{arm, disarm, FaultAction};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arena");
+        let a = Arena::create_file(&path, &cfg()).unwrap();
+        let pages = |p: &Path| std::fs::read(p).unwrap()[..2 * PAGE_SIZE as usize].to_vec();
+        let before = pages(&path);
+        for point in [FaultPoint::TornSuperblock, FaultPoint::BeforeSlotSync] {
+            arm(point, FaultAction::Fail);
+            let r = a.publish(None);
+            disarm();
+            assert!(
+                matches!(r, Err(Error::Io { op: "msync", .. })),
+                "{point}: {r:?}"
+            );
+            assert_eq!(a.generation(), 1, "{point}");
+            assert_eq!(pages(&path), before, "{point}: the slot page changed");
+        }
+        // After the publish nothing fails it.
+        arm(FaultPoint::AfterPublish, FaultAction::Fail);
+        let r = a.publish(None);
+        disarm();
+        assert_eq!(r.unwrap(), 2);
         drop(a);
         assert_eq!(Arena::open(&path).unwrap().generation(), 2);
     }

@@ -241,6 +241,12 @@ impl Domain {
     /// Run every queued cleanup whose grace period has passed. Does not
     /// wait for readers. Returns how many ran.
     pub fn poll(&self) -> usize {
+        self.poll_inner().0
+    }
+
+    /// [`poll`](Self::poll), also returning the smallest stamp among the
+    /// records it had to leave queued (held back by a pinned reader).
+    fn poll_inner(&self) -> (usize, Option<u64>) {
         let _runner = self
             .inner
             .runner
@@ -252,6 +258,7 @@ impl Domain {
             .swap(std::ptr::null_mut(), Ordering::Acquire);
         let oldest = self.oldest_pin();
         let mut ran = 0;
+        let mut blocked: Option<u64> = None;
         while !node.is_null() {
             // SAFETY: every node on the list came from `Arc::into_raw` in
             // `defer`; the swap above detached the list, so this loop owns
@@ -261,6 +268,7 @@ impl Domain {
             let stamp = rec.epoch.load(Ordering::SeqCst);
             if oldest.is_some_and(|pin| pin <= stamp) {
                 // A reader that may see the old state is still inside.
+                blocked = Some(blocked.map_or(stamp, |b| b.min(stamp)));
                 self.push(Arc::into_raw(rec).cast_mut());
                 continue;
             }
@@ -272,19 +280,24 @@ impl Domain {
             self.inner.queued.fetch_sub(1, Ordering::SeqCst);
             ran += 1;
         }
-        ran
+        (ran, blocked)
     }
 
-    /// Wait until every cleanup queued before the call has run. Must not be
-    /// called while this thread holds a pinned [`Guard`] of the domain (it
-    /// would wait for itself).
+    /// The epoch that separates cleanups queued before this call (stamped
+    /// below it) from those queued after (stamped at or above it).
+    fn ticket(&self) -> u64 {
+        self.inner.global.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Wait until every cleanup queued before the call has run. Cleanups
+    /// queued while it waits are not waited for, so it returns even under
+    /// a continuous stream of new ones. Must not be called while this
+    /// thread holds a pinned [`Guard`] of the domain at or before the
+    /// stamp of such a cleanup (it would wait for itself).
     pub fn barrier(&self) {
+        let ticket = self.ticket();
         let mut spins = 0u32;
-        loop {
-            self.poll();
-            if self.pending() == 0 {
-                return;
-            }
+        while !self.done_before(ticket) {
             spins = spins.saturating_add(1);
             if spins < 64 {
                 std::thread::yield_now();
@@ -295,18 +308,45 @@ impl Domain {
     }
 
     /// [`barrier`](Self::barrier) with a time limit; `false` if cleanups
-    /// were still pending when it expired.
+    /// queued before the call were still pending when it expired.
     pub fn barrier_timeout(&self, limit: Duration) -> bool {
+        let ticket = self.ticket();
         let start = std::time::Instant::now();
         loop {
-            self.poll();
-            if self.pending() == 0 {
+            if self.done_before(ticket) {
                 return true;
             }
             if start.elapsed() >= limit {
                 return false;
             }
             std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Poll once; whether no cleanup stamped below `ticket` is left.
+    /// Records are only ever queued with a stamp taken at `defer`, so one
+    /// whose `defer` returned before the ticket was drawn is either run by
+    /// this poll or left queued with its stamp reported.
+    fn done_before(&self, ticket: u64) -> bool {
+        let (_, blocked) = self.poll_inner();
+        blocked.is_none_or(|stamp| stamp >= ticket)
+    }
+
+    /// Wait until `cleanup` is no longer queued (it ran, or was never
+    /// queued). The same caveat as [`barrier`](Self::barrier) applies.
+    pub fn wait_for(&self, cleanup: &Cleanup) {
+        let mut spins = 0u32;
+        while cleanup.is_queued() {
+            self.poll();
+            if !cleanup.is_queued() {
+                return;
+            }
+            spins = spins.saturating_add(1);
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
         }
     }
 }
@@ -437,6 +477,68 @@ mod tests {
         d.barrier();
         assert_eq!(n.load(Ordering::SeqCst), 1);
         t.join().unwrap();
+    }
+
+    /// A barrier waits for cleanups queued before it, not for those queued
+    /// while it waits: a reader that holds a later one back does not keep
+    /// it from returning.
+    #[test]
+    fn barrier_ignores_cleanups_queued_after_it() {
+        let d = Domain::new(4);
+        let (mid_n, mid) = counter();
+        let (late_n, late) = counter();
+        // `mid` is queued before the barrier and held back by `early`
+        // until `late` has been queued after it.
+        let mut early = d.register().unwrap();
+        let g = early.pin();
+        d.defer(&mid);
+        let e1 = d.epoch();
+        let (pinned_tx, pinned) = std::sync::mpsc::channel();
+        let (queued_tx, queued) = std::sync::mpsc::channel();
+        let (stop_tx, stop) = std::sync::mpsc::channel::<()>();
+        let dd = d.clone();
+        let holder = std::thread::spawn(move || {
+            let mut r = dd.register().unwrap();
+            let _g = r.pin();
+            pinned_tx.send(()).unwrap();
+            // The barrier draws its ticket by moving the epoch.
+            while dd.epoch() == e1 {
+                std::thread::yield_now();
+            }
+            dd.defer(&late);
+            queued_tx.send(()).unwrap();
+            stop.recv().unwrap();
+        });
+        pinned.recv().unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let db = d.clone();
+        let barrier = std::thread::spawn(move || {
+            db.barrier();
+            done_tx.send(()).unwrap();
+        });
+        queued.recv().unwrap();
+        assert_eq!(mid_n.load(Ordering::SeqCst), 0);
+        drop(g);
+        done.recv_timeout(Duration::from_secs(30))
+            .expect("barrier waited for a cleanup queued after it");
+        barrier.join().unwrap();
+        assert_eq!(mid_n.load(Ordering::SeqCst), 1);
+        assert_eq!(late_n.load(Ordering::SeqCst), 0);
+        assert_eq!(d.pending(), 1);
+        stop_tx.send(()).unwrap();
+        holder.join().unwrap();
+        d.barrier();
+        assert_eq!(late_n.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn wait_for_one_cleanup() {
+        let d = Domain::new(2);
+        let (n, c) = counter();
+        d.wait_for(&c);
+        d.defer(&c);
+        d.wait_for(&c);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 
     #[test]

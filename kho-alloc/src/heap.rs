@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::kfence::{self, Pool, PoolConfig, PoolMemory, RegionMemory, SampleMode, Sampler};
 use crate::layout::{Layout, Region};
 use crate::magazine;
+use crate::session::fault::{self, FaultPoint};
 use crate::slab::{SlabCache, MAX_OBJECT_SIZE};
 use crate::superblock::ImageLocation;
 use kho_core::image::layout::BLOCK_SIZE;
@@ -276,12 +277,16 @@ pub struct FreezeStats {
     pub scrubbed_bytes: u64,
     /// Folios in the MEMMAP section.
     pub preserved_folios: u64,
+    /// Bytes in those folios (the image's own folio included).
+    pub preserved_bytes: u64,
     /// Image length in bytes.
     pub image_len: u64,
 }
 
 /// An image written into the arena by [`Heap::freeze`] but not yet
-/// published. Give it to [`Heap::commit`] or [`Heap::discard`].
+/// published. Give it to [`Heap::commit`] or [`Heap::discard`]; dropping it
+/// discards it too (its folio goes back to the heap that froze it), so no
+/// failure path leaks the image's memory.
 #[derive(Debug)]
 #[must_use = "a frozen image holds arena pages until committed or discarded"]
 pub struct FrozenImage {
@@ -290,6 +295,8 @@ pub struct FrozenImage {
     generation: u64,
     heap: u32,
     stats: FreezeStats,
+    /// The heap that owns the folio, until commit or discard.
+    owner: Option<Arc<Shared>>,
 }
 
 impl FrozenImage {
@@ -306,6 +313,23 @@ impl FrozenImage {
     /// What the freeze did.
     pub fn stats(&self) -> FreezeStats {
         self.stats
+    }
+
+    /// Free the image's folio in the heap that froze it (once).
+    fn release(&mut self) -> Result<()> {
+        match self.owner.take() {
+            Some(shared) => shared.general.free(self.folio.pfn, false).map(drop),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FrozenImage {
+    fn drop(&mut self) {
+        // The folio was taken from the general zone by `freeze`; a refusal
+        // here would mean the zone is already corrupt, and there is nothing
+        // better to do with it in a destructor.
+        let _ = self.release();
     }
 }
 
@@ -346,6 +370,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Take the arena back out of a heap that was never shared.
+    fn into_arena(self) -> Arena {
+        let Shared { arena, .. } = self;
+        arena
     }
 
     fn cache(&self, i: u16) -> Option<&SlabCache> {
@@ -1265,14 +1295,24 @@ impl Heap {
     /// Freeze: preserve every preservable slab page holding live objects,
     /// zero their free slots and tails, and write a handover image (MEMMAP,
     /// SCRATCH, KFENCE, SLAB, EXTENTS and `tree`) into a fresh folio of
-    /// general memory. Nothing is published: pass the result to
-    /// [`commit`](Self::commit) (or [`discard`](Self::discard)).
+    /// general memory, whose bytes past the image are zeroed. Nothing is
+    /// published: pass the result to [`commit`](Self::commit) (or
+    /// [`discard`](Self::discard)).
     ///
     /// Callers stop allocating from preservable caches for the duration
     /// (the blackout); each cache is locked while it is recorded.
+    ///
+    /// Freeze takes no lock that an allocation path holds for long and
+    /// waits for no future work, but it allocates, in proportion to the
+    /// metadata it writes and never to the data preserved: a copy of the
+    /// preserved map (one 520-byte block per 4096 folios of an order), one
+    /// record with its allocation bitmap per live preservable slab page,
+    /// the image's section buffers, and one arena folio of general memory
+    /// for the image.
     pub fn freeze(&self, tree: Option<&Tree>) -> Result<FrozenImage> {
         let s = &self.shared;
         let layout = *self.layout();
+        let nonempty = |r: PhysRange| if r.is_empty() { Vec::new() } else { vec![r] };
         // Sampling stops for the handover (bounded: no allocation needed);
         // the pool's ranges go into the KFENCE section.
         let kfence_ranges = match s.kfence.get() {
@@ -1280,7 +1320,7 @@ impl Heap {
                 k.disable();
                 k.pool().ranges()
             }
-            None => vec![layout.bytes_of(Region::Kfence)],
+            None => nonempty(layout.bytes_of(Region::Kfence)),
         };
         let mut map = lock(&s.preserved).clone();
         let mut stats = FreezeStats::default();
@@ -1342,7 +1382,7 @@ impl Heap {
         let mut builder = ImageBuilder::new(layout.size())
             .generation(generation)
             .memmap(&map)
-            .scratch(vec![layout.bytes_of(Region::Scratch)])
+            .scratch(nonempty(layout.bytes_of(Region::Scratch)))
             .kfence(kfence_ranges)
             .slab(caches, pages)
             .extents(lock(&s.extents).clone());
@@ -1363,60 +1403,95 @@ impl Heap {
             })?;
         let pfn = s.general.alloc(order, false)?;
         let folio = Folio { pfn, order };
-        if let Err(e) = map.preserve(pfn, order) {
-            let _ = s.general.free(pfn, false);
-            return Err(e.into());
-        }
-        builder = builder.memmap(&map);
-        let len = builder.encoded_len();
-        debug_assert!(len <= order.bytes());
-        let written = (|| {
-            // SAFETY:
-            // - The folio was just taken from the general zone; no handle
-            //   refers to it.
-            let out = unsafe { s.arena.slice_mut_shared(PhysRange::new(folio.addr(), len)) }?;
-            builder.write_to(out)?;
-            Ok::<u32, Error>(crc32fast::hash(out))
-        })();
-        let crc = match written {
-            Ok(crc) => crc,
-            Err(e) => {
-                let _ = s.general.free(pfn, false);
-                return Err(e);
-            }
-        };
-        stats.image_len = len;
-        stats.preserved_folios = map.folio_count();
-        Ok(FrozenImage {
+        // From here on the folio is owned by `frozen`: every error below
+        // drops it, which frees the folio.
+        let mut frozen = FrozenImage {
             location: ImageLocation {
                 offset: folio.addr().0,
-                len,
-                crc,
+                len: 0,
+                crc: 0,
             },
             folio,
             generation,
             heap: s.id,
             stats,
-        })
+            owner: Some(Arc::clone(s)),
+        };
+        map.preserve(pfn, order)?;
+        builder = builder.memmap(&map);
+        let len = builder.encoded_len();
+        if len > order.bytes() {
+            return Err(Error::BadSize {
+                size: len,
+                align: PAGE_SIZE,
+                max: order.bytes(),
+            });
+        }
+        // SAFETY:
+        // - The folio was just taken from the general zone and is owned by
+        //   `frozen`; no handle refers to it.
+        let out = unsafe {
+            s.arena
+                .slice_mut_shared(PhysRange::new(folio.addr(), folio.bytes()))
+        }?;
+        let (image, tail) = out.split_at_mut(len as usize);
+        builder.write_to(image)?;
+        // The rest of the folio is preserved with the image: no stale bytes
+        // of its earlier owner cross the handover.
+        tail.fill(0);
+        frozen.location.len = len;
+        frozen.location.crc = crc32fast::hash(image);
+        frozen.stats.image_len = len;
+        frozen.stats.preserved_folios = map.folio_count();
+        frozen.stats.preserved_bytes = map.total_bytes();
+        fault::hit(FaultPoint::AfterImageWrite).map_err(Error::io("freeze"))?;
+        Ok(frozen)
     }
 
-    /// Publish a frozen image: `msync` it, then flip the superblock. The
-    /// previous image's pages are freed. Returns the new generation.
-    pub fn commit(&self, frozen: FrozenImage) -> Result<u64> {
+    /// Publish a frozen image: `msync` it, then flip the superblock (see
+    /// [`Arena::commit_image`]). The previous image's folio is freed.
+    /// Returns the new generation.
+    ///
+    /// The image must record the generation the publish produces: one
+    /// frozen before another commit is refused. On any error the previous
+    /// generation stays current and the frozen image is discarded (its
+    /// folio freed in the heap that froze it); once the superblock is
+    /// published, commit does not fail.
+    pub fn commit(&self, mut frozen: FrozenImage) -> Result<u64> {
         self.check_heap(frozen.heap)?;
-        let generation = self.shared.arena.commit_image(frozen.location)?;
+        let generation = self
+            .shared
+            .arena
+            .commit_image_as(frozen.location, frozen.generation)?;
+        // Published: the folio now belongs to the committed image.
+        frozen.owner = None;
         let old = lock(&self.shared.image).replace(frozen.folio);
         if let Some(old) = old {
-            self.shared.general.free(old.pfn, false)?;
+            // The superblock no longer points at the old image. Its folio
+            // came from the general zone; should the zone refuse it, the
+            // only cost is that folio, not the published handover.
+            let _ = self.shared.general.free(old.pfn, false);
         }
         Ok(generation)
     }
 
     /// Drop a frozen image without publishing it (cancel).
-    pub fn discard(&self, frozen: FrozenImage) -> Result<()> {
+    pub fn discard(&self, mut frozen: FrozenImage) -> Result<()> {
         self.check_heap(frozen.heap)?;
-        self.shared.general.free(frozen.folio.pfn, false)?;
-        Ok(())
+        frozen.release()
+    }
+
+    /// Withdraw the committed handover: publish a superblock with no image
+    /// (the next generation), then free the image's folio. A successor
+    /// started after this finds no handover. On error the handover stays
+    /// published and nothing is freed.
+    pub fn withdraw(&self) -> Result<u64> {
+        let generation = self.shared.arena.publish(None)?;
+        if let Some(old) = lock(&self.shared.image).take() {
+            // As in `commit`: only that folio is at stake.
+            let _ = self.shared.general.free(old.pfn, false);
+        }
+        Ok(generation)
     }
 
     /// The bytes of a frozen image.
@@ -1447,38 +1522,102 @@ impl Heap {
     /// its live objects at the same addresses, release everything else,
     /// and record in the superblock that the image was restored (a second
     /// restore of it is refused).
+    ///
+    /// Everything is checked before that record is written, so on error
+    /// nothing in the arena has changed (a reopen can try again).
     pub fn restore(arena: Arena) -> Result<(Heap, Restored)> {
+        match Self::restore_with(arena, |_| Ok::<(), std::convert::Infallible>(()), true) {
+            Ok(r) => Ok(r),
+            Err(refused) => match refused.error {
+                RestoreError::Heap(e) => Err(e),
+                RestoreError::Check(never) => match never {},
+            },
+        }
+    }
+
+    /// Record in the superblock that the restored image was consumed (see
+    /// [`Arena::mark_restored`]).
+    pub(crate) fn mark_restored(&self) -> Result<u64> {
+        self.shared.arena.mark_restored()
+    }
+
+    /// [`restore`](Self::restore) with a caller's check of the validated
+    /// image (run before any folio is claimed), and the superblock record
+    /// only if `mark`. A refusal hands the arena back unchanged.
+    pub(crate) fn restore_with<E>(
+        arena: Arena,
+        check: impl FnOnce(&Image<'_>) -> std::result::Result<(), E>,
+        mark: bool,
+    ) -> std::result::Result<(Heap, Restored), Box<Refused<E>>> {
+        let refuse = |arena, e| {
+            Err(Box::new(Refused {
+                arena: Some(arena),
+                error: RestoreError::Heap(e),
+            }))
+        };
         if !arena.is_writable() {
-            return Err(Error::ReadOnly);
+            return refuse(arena, Error::ReadOnly);
         }
         let sb = arena.superblock();
         if arena.image_restored() {
-            return Err(Error::AlreadyRestored {
-                generation: sb.generation,
-            });
+            return refuse(
+                arena,
+                Error::AlreadyRestored {
+                    generation: sb.generation,
+                },
+            );
         }
-        let loc = sb.image.ok_or(Error::NoImage)?;
-        let id = Self::next_id()?;
-        // Parse from a private copy: the image pages are claimed below and
-        // `arena` moves into the heap.
-        let bytes = arena.image_bytes()?.to_vec();
-        let shared = Self::build(arena, id, false)?;
-        let image = Image::parse(&bytes)?;
+        let Some(loc) = sb.image else {
+            return refuse(arena, Error::NoImage);
+        };
+        let id = match Self::next_id() {
+            Ok(id) => id,
+            Err(e) => return refuse(arena, e),
+        };
+        // A heap that cannot be built over a validated superblock's layout
+        // closes the arena unchanged.
+        let shared = Self::build(arena, id, false).map_err(|e| {
+            Box::new(Refused {
+                arena: None,
+                error: RestoreError::Heap(e),
+            })
+        })?;
+        let restored = match Self::restore_into(&shared, loc, sb.generation, check) {
+            Ok(r) => r,
+            Err(error) => {
+                return Err(Box::new(Refused {
+                    arena: Some(shared.into_arena()),
+                    error,
+                }))
+            }
+        };
+        if mark {
+            if let Err(e) = shared.arena.mark_restored() {
+                return refuse(shared.into_arena(), e);
+            }
+        }
+        Ok((
+            Heap {
+                shared: Arc::new(shared),
+            },
+            restored,
+        ))
+    }
+
+    /// The checks and claims of a restore, into a heap built over the
+    /// arena. The image is parsed once, in place in the mapping (its pages
+    /// are claimed, and nothing writes them).
+    fn restore_into<E>(
+        shared: &Shared,
+        loc: ImageLocation,
+        generation: u64,
+        check: impl FnOnce(&Image<'_>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Restored, RestoreError<E>> {
+        let id = shared.id;
+        let bytes = shared.arena.image_bytes()?;
+        let image = Image::parse(bytes).map_err(Error::from)?;
         let layout = *shared.arena.layout();
-        if image.arena_size() != layout.size() {
-            return Err(Error::GeometryMismatch {
-                what: "image arena size",
-                expected: layout.size(),
-                found: image.arena_size(),
-            });
-        }
-        if image.header().page_shift != kho_core::PAGE_SHIFT {
-            return Err(Error::GeometryMismatch {
-                what: "image page shift",
-                expected: u64::from(kho_core::PAGE_SHIFT),
-                found: u64::from(image.header().page_shift),
-            });
-        }
+        Self::check_geometry(&image, &layout, loc, generation)?;
         // The image must lie in a folio its own MEMMAP preserves, headed at
         // the image's first page and covering all of it; the loop below
         // claims it with the other preserved folios.
@@ -1495,14 +1634,18 @@ impl Heap {
                 expected: loc.len,
                 found: 0,
             })?;
-        if !shared.general.contains(img_folio.pfn) {
+        if !shared.general.contains(img_folio.pfn)
+            || !shared.general.contains(Pfn(img_folio.end_pfn().0 - 1))
+        {
             return Err(Error::Inconsistent {
                 addr: loc.offset,
                 what: "image outside general memory",
                 expected: layout.general.start.0,
                 found: img_folio.pfn.0,
-            });
+            }
+            .into());
         }
+        check(&image).map_err(RestoreError::Check)?;
         *lock(&shared.image) = Some(img_folio);
 
         let mut restorer = Restorer::new(&image);
@@ -1550,12 +1693,12 @@ impl Heap {
                 || cache.per_slab != c.objects_per_slab()
                 || cache.order != c.order()
             {
-                return Err(Error::CacheMismatch {
+                return Err(RestoreError::Heap(Error::CacheMismatch {
                     name: c.name().to_owned(),
                     what: "object size",
                     expected: u64::from(cache.stride),
                     found: u64::from(c.object_size()),
-                });
+                }));
             }
             ids.insert(c.id(), (index, restored_caches.len()));
             restored_caches.push(RestoredCache {
@@ -1596,7 +1739,8 @@ impl Heap {
                     "slab order",
                     cache.order.get().into(),
                     p.order().get().into(),
-                ));
+                )
+                .into());
             }
             if p.object_count() != cache.per_slab
                 || p.first_offset() != 0
@@ -1606,14 +1750,13 @@ impl Heap {
                     "slab geometry",
                     cache.per_slab.into(),
                     p.object_count().into(),
-                ));
+                )
+                .into());
             }
             if shared.preservable.allocated_order(p.pfn()) != Some(cache.order) {
-                return Err(inconsistent(
-                    "slab page not a preserved folio of the pool",
-                    1,
-                    0,
-                ));
+                return Err(
+                    inconsistent("slab page not a preserved folio of the pool", 1, 0).into(),
+                );
             }
             let bitmap: Vec<u64> = p.bitmap_words().collect();
             let untaken: Box<[u64]> = bitmap.as_slice().into();
@@ -1641,23 +1784,99 @@ impl Heap {
             .filter(|f| f.pfn != img_folio.pfn && slab_pfns.binary_search(&f.pfn).is_err())
             .map(|folio| Pages { folio, heap: id })
             .collect();
-        let restored = Restored {
+        Ok(Restored {
             generation: image.header().generation,
             tree: image.tree().cloned(),
             extents: image.extents().collect(),
             caches: restored_caches,
             folios,
-        };
-        drop(restorer);
-        drop(image);
-        shared.arena.mark_restored()?;
-        Ok((
-            Heap {
-                shared: Arc::new(shared),
-            },
-            restored,
-        ))
+        })
     }
+
+    /// The image describes this arena: size, page size, the generation the
+    /// superblock published it under, and the arena's own scratch and
+    /// KFENCE regions.
+    fn check_geometry(
+        image: &Image<'_>,
+        layout: &Layout,
+        loc: ImageLocation,
+        generation: u64,
+    ) -> Result<()> {
+        let mismatch = |what, expected, found| {
+            Err(Error::GeometryMismatch {
+                what,
+                expected,
+                found,
+            })
+        };
+        if image.arena_size() != layout.size() {
+            return mismatch("image arena size", layout.size(), image.arena_size());
+        }
+        if image.header().page_shift != kho_core::PAGE_SHIFT {
+            return mismatch(
+                "image page shift",
+                u64::from(kho_core::PAGE_SHIFT),
+                u64::from(image.header().page_shift),
+            );
+        }
+        if image.header().generation != generation {
+            return Err(Error::Inconsistent {
+                addr: loc.offset,
+                what: "image generation differs from the superblock's",
+                expected: generation,
+                found: image.header().generation,
+            });
+        }
+        let scratch = layout.bytes_of(Region::Scratch);
+        let want: &[PhysRange] = if scratch.is_empty() { &[] } else { &[scratch] };
+        let got: Vec<PhysRange> = image.scratch().collect();
+        if got.len() != want.len() {
+            return mismatch("image SCRATCH ranges", want.len() as u64, got.len() as u64);
+        }
+        for (w, g) in want.iter().zip(&got) {
+            if w.start != g.start {
+                return mismatch("image SCRATCH range start", w.start, g.start);
+            }
+            if w.len != g.len {
+                return mismatch("image SCRATCH range length", w.len, g.len);
+            }
+        }
+        // The pool may use part of the KFENCE region, never anything else.
+        let kfence = layout.bytes_of(Region::Kfence);
+        for r in image.kfence() {
+            if r.start < kfence.start {
+                return mismatch("image KFENCE range start", kfence.start, r.start);
+            }
+            let (end, limit) = (r.start.saturating_add(r.len), kfence.start + kfence.len);
+            if end > limit {
+                return mismatch("image KFENCE range end", limit, end);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a restore was refused.
+#[derive(Debug)]
+pub(crate) enum RestoreError<E> {
+    /// The image or the arena.
+    Heap(Error),
+    /// The caller's check of the image.
+    Check(E),
+}
+
+impl<E> From<Error> for RestoreError<E> {
+    fn from(e: Error) -> Self {
+        RestoreError::Heap(e)
+    }
+}
+
+/// A refused restore: why, and the arena, unchanged (`None` only if no
+/// heap could be built over it at all).
+#[derive(Debug)]
+pub(crate) struct Refused<E> {
+    pub(crate) arena: Option<Arena>,
+    pub(crate) error: RestoreError<E>,
 }
 
 impl PreservableCache {

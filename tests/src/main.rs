@@ -3,12 +3,15 @@
 //! `kho demo` does.
 //!
 //! ```text
-//! kho-tests [--entries N] [--value-size B] [--arena PATH]
+//! kho-tests [--entries N] [--value-size B] [--arena PATH] [--exec PROGRAM]
 //! ```
 //!
+//! `--exec` names the successor program instead of this binary (for the
+//! failed-`exec` path).
+//!
 //! The successor prints `entries=<n> verified=<n> bad=<n> digest=<hex>
-//! consistent=<bool> checks=<problems> checker=<bool> generation=<n>` and
-//! exits 0 only if every entry verified.
+//! consistent=<bool> checks=<problems> checker=<bool> generation=<n>
+//! cloexec=<bool>` and exits 0 only if every entry verified.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -26,7 +29,7 @@ fn main() -> ExitCode {
         return match demo::run_successor() {
             Ok(r) => {
                 println!(
-                    "entries={} verified={} bad={} digest={:#018x} consistent={} checks={} checker={} generation={}",
+                    "entries={} verified={} bad={} digest={:#018x} consistent={} checks={} checker={} generation={} cloexec={}",
                     r.predecessor.entries,
                     r.verified,
                     r.bad,
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
                     r.checks.problems.len(),
                     r.checks.checker_ran,
                     r.predecessor.generation,
+                    r.arena_cloexec,
                 );
                 for p in &r.checks.problems {
                     println!("problem: {p}");
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         value_size: 100,
         arena: None,
     };
+    let mut program = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let Some(v) = args.next() else {
@@ -68,10 +73,11 @@ fn main() -> ExitCode {
                 Err(_) => return usage(&format!("--value-size: not a number: {v:?}")),
             },
             "--arena" => cfg.arena = Some(PathBuf::from(v)),
+            "--exec" => program = Some(PathBuf::from(v)),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
-    let exe = match std::env::current_exe() {
+    let exe = match program.map_or_else(std::env::current_exe, Ok) {
         Ok(e) => e,
         Err(e) => return usage(&format!("current_exe: {e}")),
     };

@@ -60,6 +60,8 @@ fn demo_hands_over_across_exec() {
     assert_eq!(field(&stdout, "consistent"), "true");
     assert_eq!(field(&stdout, "checks"), "0");
     assert_eq!(field(&stdout, "checker"), "true");
+    assert_eq!(field(&stdout, "generation"), "2");
+    assert_eq!(field(&stdout, "cloexec"), "true");
     assert_eq!(
         field(&stdout, "digest"),
         format!("{:#018x}", expected_digest(3000, 100))
@@ -71,6 +73,38 @@ fn demo_hands_over_across_exec() {
     assert!(arena.image_restored());
     let (_, start) = Session::start(arena).unwrap();
     assert!(matches!(start, Start::Cold { .. }), "{start:?}");
+
+    // The kept arena is never overwritten by another demo.
+    let before = std::fs::read(&path).unwrap();
+    let out = Command::new(BIN)
+        .args(["--entries", "10", "--arena"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn demo_on_a_memfd_sees_identical_data() {
+    let out = Command::new(BIN)
+        .args(["--entries", "20000", "--value-size", "100"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&stdout, "verified"), "20000");
+    assert_eq!(field(&stdout, "cloexec"), "true");
+    assert_eq!(
+        field(&stdout, "digest"),
+        format!("{:#018x}", expected_digest(20000, 100))
+    );
 }
 
 #[test]
@@ -110,4 +144,26 @@ fn bad_arguments_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_failed_exec_aborts_the_handover() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.arena");
+    let out = Command::new(BIN)
+        .args(["--entries", "100", "--exec"])
+        .arg(dir.path().join("no-such-successor"))
+        .arg("--arena")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exec of the successor failed"), "{err}");
+    // Committed at generation 2, withdrawn at 3: nothing to restore.
+    let arena = Arena::open(&path).unwrap();
+    assert_eq!(arena.generation(), 3);
+    assert_eq!(arena.current_image(), None);
+    let (_, start) = Session::start(arena).unwrap();
+    assert!(matches!(start, Start::Cold { .. }), "{start:?}");
 }

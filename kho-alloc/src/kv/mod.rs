@@ -35,7 +35,9 @@
 
 pub mod demo;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use kho_core::{Folio, Node, Order, PhysRange};
 
@@ -113,6 +115,19 @@ pub enum KvError {
     /// Metadata tree error.
     #[error(transparent)]
     Tree(#[from] kho_core::TreeError),
+    /// A write while a handover is frozen: the store's state is in the
+    /// handover image and must not change until the handover is cancelled.
+    #[error("store is frozen for a handover: {op} refused")]
+    Frozen {
+        /// The refused operation.
+        op: &'static str,
+    },
+    /// Freeze could not get the store from its writers in time.
+    #[error("store still locked by a writer after {waited:?}: freeze refused")]
+    Busy {
+        /// How long freeze waited.
+        waited: std::time::Duration,
+    },
 }
 
 /// Result alias for the store.
@@ -233,6 +248,8 @@ pub struct KvStore {
     /// Arena offset of the first free record, 0 for none.
     free: u64,
     digest: u64,
+    /// Set while a handover is frozen: writes are refused.
+    frozen: Arc<AtomicBool>,
 }
 
 /// What [`KvStore::verify`] found.
@@ -284,6 +301,7 @@ impl KvStore {
             next: 0,
             free: 0,
             digest: 0,
+            frozen: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -305,6 +323,18 @@ impl KvStore {
     /// The digest of every live entry.
     pub fn digest(&self) -> u64 {
         self.digest
+    }
+
+    /// Whether writes are refused because a handover is frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if self.is_frozen() {
+            return Err(KvError::Frozen { op });
+        }
+        Ok(())
     }
 
     /// The folios holding records and index.
@@ -453,6 +483,7 @@ impl KvStore {
 
     /// Insert or replace `key`.
     pub fn insert(&mut self, key: u64, value: &[u8]) -> Result<()> {
+        self.check_writable("insert")?;
         if value.len() > self.cfg.value_size as usize {
             return Err(KvError::ValueTooLong {
                 expected: self.cfg.value_size,
@@ -518,6 +549,7 @@ impl KvStore {
 
     /// Remove `key`; `false` if absent. The record is zeroed.
     pub fn remove(&mut self, key: u64) -> Result<bool> {
+        self.check_writable("remove")?;
         let (hit, _) = self.probe(key)?;
         let Some((slot, addr)) = hit else {
             return Ok(false);
@@ -666,48 +698,60 @@ impl KvStore {
                 format!("len {len}, next {next}"),
             ));
         }
-        let mut take = |kind: &str, count: u64, order: Order| -> Result<Vec<Pages>> {
-            let mut out = Vec::new();
-            let nodes = (count as usize).div_ceil(RANGES_PER_NODE);
-            for n in 0..nodes {
-                let name = format!("{kind}-{n}");
-                let child = node
-                    .child(&name)
-                    .ok_or_else(|| bad("segment node", name.clone(), "<missing>".to_owned()))?;
-                let end = ((n + 1) * RANGES_PER_NODE).min(count as usize);
-                for i in n * RANGES_PER_NODE..end {
-                    let range: PhysRange = child.range_prop(&i.to_string())?;
-                    let pfn = range.start().aligned_pfn().ok_or_else(|| {
-                        bad(
-                            "segment start",
-                            "page aligned".into(),
-                            format!("{:#x}", range.start),
-                        )
-                    })?;
-                    check("segment length", order.bytes(), range.len)?;
-                    let pages = restored.take_folio(pfn).ok_or_else(|| {
-                        bad(
-                            "segment",
-                            "a preserved folio".into(),
-                            format!("{:#x}", range.start),
-                        )
-                    })?;
-                    if pages.folio() != (Folio { pfn, order }) {
-                        let found = pages.folio().order.get();
-                        let _ = heap.free_pages(pages);
-                        return Err(bad(
-                            "segment order",
-                            order.get().to_string(),
-                            found.to_string(),
-                        ));
+        let free = node.u64_prop("free")?;
+        let digest = node.u64_prop("digest")?;
+        // Folios taken so far; on any error they go back to the heap, so a
+        // failed restore takes nothing.
+        let mut taken: Vec<Pages> = Vec::new();
+        let mut take =
+            |kind: &str, count: u64, order: Order, taken: &mut Vec<Pages>| -> Result<()> {
+                let nodes = (count as usize).div_ceil(RANGES_PER_NODE);
+                for n in 0..nodes {
+                    let name = format!("{kind}-{n}");
+                    let child = node
+                        .child(&name)
+                        .ok_or_else(|| bad("segment node", name.clone(), "<missing>".to_owned()))?;
+                    let end = ((n + 1) * RANGES_PER_NODE).min(count as usize);
+                    for i in n * RANGES_PER_NODE..end {
+                        let range: PhysRange = child.range_prop(&i.to_string())?;
+                        let pfn = range.start().aligned_pfn().ok_or_else(|| {
+                            bad(
+                                "segment start",
+                                "page aligned".into(),
+                                format!("{:#x}", range.start),
+                            )
+                        })?;
+                        check("segment length", order.bytes(), range.len)?;
+                        let pages = restored.take_folio(pfn).ok_or_else(|| {
+                            bad(
+                                "segment",
+                                "a preserved folio".into(),
+                                format!("{:#x}", range.start),
+                            )
+                        })?;
+                        let found = pages.folio();
+                        taken.push(pages);
+                        if found != (Folio { pfn, order }) {
+                            return Err(bad(
+                                "segment order",
+                                order.get().to_string(),
+                                found.order.get().to_string(),
+                            ));
+                        }
                     }
-                    out.push(pages);
                 }
+                Ok(())
+            };
+        let took = take("records", geo.record_folios, geo.record_order, &mut taken)
+            .and_then(|()| take("index", geo.index_folios, geo.index_order, &mut taken));
+        if let Err(e) = took {
+            for p in taken {
+                let _ = heap.free_pages(p);
             }
-            Ok(out)
-        };
-        let mut records = take("records", geo.record_folios, geo.record_order)?;
-        let index = take("index", geo.index_folios, geo.index_order)?;
+            return Err(e);
+        }
+        let index = taken.split_off(geo.record_folios as usize);
+        let mut records = taken;
         records.sort_by_key(|p| p.addr());
         let store = KvStore {
             heap: heap.clone(),
@@ -717,11 +761,15 @@ impl KvStore {
             index,
             len,
             next,
-            free: node.u64_prop("free")?,
-            digest: node.u64_prop("digest")?,
+            free,
+            digest,
+            frozen: Arc::new(AtomicBool::new(false)),
         };
         if store.free != 0 {
-            store.locate(store.free)?;
+            if let Err(e) = store.locate(store.free) {
+                let _ = store.destroy();
+                return Err(e);
+            }
         }
         Ok(store)
     }
@@ -730,8 +778,19 @@ impl KvStore {
 /// A store shared between the service and its session subsystem.
 pub type KvHandle = Arc<RwLock<Option<KvStore>>>;
 
+/// How long freeze waits for a writer to release the store by default.
+pub const FREEZE_WAIT: Duration = Duration::from_millis(50);
+
 /// The store as a session [`Subsystem`]: prepare preserves its folios,
-/// freeze writes its node, restore takes it back.
+/// freeze stops writers and writes its node, cancel lets writers go on,
+/// restore takes the store back.
+///
+/// Writers are quiesced without waiting on them: freeze sets the store's
+/// frozen flag, so every later `insert` or `remove` fails with
+/// [`KvError::Frozen`], then takes the read lock, retrying for at most
+/// [`FREEZE_WAIT`] (see [`freeze_wait`](Self::freeze_wait)) while a write
+/// already under way finishes; a store held longer fails the freeze with
+/// [`KvError::Busy`].
 #[derive(Debug)]
 pub struct KvSubsystem {
     name: String,
@@ -740,6 +799,9 @@ pub struct KvSubsystem {
     cold: KvConfig,
     /// Whether a successor with an incompatible node starts empty.
     cold_on_mismatch: bool,
+    /// The store's frozen flag, taken at prepare.
+    gate: Option<Arc<AtomicBool>>,
+    wait: Duration,
 }
 
 impl KvSubsystem {
@@ -751,6 +813,8 @@ impl KvSubsystem {
             store,
             cold,
             cold_on_mismatch: false,
+            gate: None,
+            wait: FREEZE_WAIT,
         }
     }
 
@@ -759,6 +823,33 @@ impl KvSubsystem {
     pub fn cold_start_on_mismatch(mut self, yes: bool) -> KvSubsystem {
         self.cold_on_mismatch = yes;
         self
+    }
+
+    /// How long freeze waits for a write under way (default
+    /// [`FREEZE_WAIT`]).
+    pub fn freeze_wait(mut self, wait: Duration) -> KvSubsystem {
+        self.wait = wait;
+        self
+    }
+
+    fn open_gate(&self) {
+        if let Some(g) = &self.gate {
+            g.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Give back a store taken by restore or cold start (abort_restore).
+    fn drop_store(&mut self) {
+        let store = self
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(store) = store {
+            // Its folios go back to the heap being torn down; a refusal
+            // leaves them to that heap.
+            let _ = store.destroy();
+        }
     }
 }
 
@@ -781,6 +872,7 @@ impl Subsystem for KvSubsystem {
 
     fn prepare(&mut self, cx: &mut PrepareCx<'_>) -> std::result::Result<(), BoxError> {
         let g = self.store.read().unwrap_or_else(PoisonError::into_inner);
+        self.gate = g.as_ref().map(|s| Arc::clone(&s.frozen));
         if let Some(store) = g.as_ref() {
             for p in store.folios() {
                 cx.preserve_pages(p).map_err(|e| boxed(e.into()))?;
@@ -790,7 +882,25 @@ impl Subsystem for KvSubsystem {
     }
 
     fn freeze(&mut self, node: &mut Node) -> std::result::Result<(), BoxError> {
-        let g = self.store.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(g) = &self.gate {
+            g.store(true, Ordering::SeqCst);
+        }
+        let start = Instant::now();
+        let g = loop {
+            match self.store.try_read() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if start.elapsed() >= self.wait {
+                        self.open_gate();
+                        return Err(boxed(KvError::Busy {
+                            waited: start.elapsed(),
+                        }));
+                    }
+                    std::thread::yield_now();
+                }
+            }
+        };
         if let Some(store) = g.as_ref() {
             store.to_node(node);
         }
@@ -798,8 +908,8 @@ impl Subsystem for KvSubsystem {
     }
 
     fn cancel(&mut self) {
-        // Preservation is undone by the session; the store never stopped
-        // serving.
+        // Preservation is undone by the session; the store serves on.
+        self.open_gate();
     }
 
     fn restore(
@@ -811,6 +921,10 @@ impl Subsystem for KvSubsystem {
         let store = KvStore::from_node(&heap, cx.restored(), node).map_err(boxed)?;
         *self.store.write().unwrap_or_else(PoisonError::into_inner) = Some(store);
         Ok(())
+    }
+
+    fn abort_restore(&mut self) {
+        self.drop_store();
     }
 
     fn on_incompatible(&mut self, _error: &SessionError) -> Recovery {
@@ -874,6 +988,48 @@ mod tests {
         let r = kv.verify(|k, _| k != 1).unwrap();
         assert_eq!(r.bad, 1);
         assert!(!r.consistent);
+    }
+
+    /// A node that does not describe the store takes no folio: those taken
+    /// before the error go back to the heap.
+    #[test]
+    fn a_refused_node_takes_no_folio() {
+        let heap = heap();
+        let mut kv = KvStore::new(
+            &heap,
+            KvConfig {
+                capacity: 5000,
+                value_size: 24,
+            },
+        )
+        .unwrap();
+        kv.insert(1, b"one").unwrap();
+        for p in kv.folios() {
+            heap.preserve_pages(p).unwrap();
+        }
+        let mut node = Node::new("kv", KV_COMPATIBLE);
+        kv.to_node(&mut node);
+        node.children.retain(|c| !c.name.starts_with("index"));
+        let mut root = Node::root("kv-test-v1");
+        root.push_child(node);
+        heap.freeze_and_commit(Some(&kho_core::Tree::new(root)))
+            .unwrap();
+        drop(kv);
+        let (heap, mut restored) = Heap::restore(heap.into_arena().unwrap()).unwrap();
+        let tree = restored.tree.take().unwrap();
+        let node = tree.root().child("kv").unwrap();
+        match KvStore::from_node(&heap, &mut restored, node) {
+            Err(KvError::Node { what, .. }) => assert_eq!(what, "segment node"),
+            other => panic!("{other:?}"),
+        }
+        // Only the index folios, never taken, are still allocated.
+        let left: u64 = restored
+            .folios
+            .iter()
+            .map(|p| p.folio().order.pages())
+            .sum();
+        assert!(left > 0);
+        assert_eq!(heap.stats().preservable.allocated_pages, left);
     }
 
     #[test]

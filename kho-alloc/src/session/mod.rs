@@ -6,9 +6,10 @@
 //! ```text
 //!            prepare            freeze             commit
 //!   NORMAL ──────────► PREPARED ───────► FROZEN ───────────► COMMITTED ─► exec / exit
-//!     ▲  ▲                │                │
-//!     │  └─── cancel ─────┘                │
-//!     └────── cancel ──────────────────────┘
+//!     ▲  ▲  ▲             │                │                    │
+//!     │  │  └── cancel ───┘                │                    │
+//!     │  └───── cancel ────────────────────┘                    │
+//!     └──────── abort (publishes "no handover") ────────────────┘
 //! ```
 //!
 //! and the successor
@@ -16,54 +17,88 @@
 //! ```text
 //!             restore             finish
 //!   INCOMING ─────────► RESTORED ───────► FINISHED ──prepare──► PREPARED ...
+//!     │
+//!     └── abandon_handover (publishes "no handover", cold start) ──► NORMAL
 //! ```
 //!
-//! Any other step is refused with [`SessionError::InvalidTransition`].
+//! [`State::after`] is the whole table, including the operations that keep
+//! the state ([`Op::Register`], [`Op::ColdStart`], [`Op::ExecEnv`]); any
+//! other step is refused with [`SessionError::InvalidTransition`] naming
+//! the operation and the state, and changes nothing.
 //!
 //! - **prepare** is the heavy work while the service still runs:
-//!   subsystems preserve their folios ([`PrepareCx`]).
+//!   subsystems preserve their folios through [`PrepareCx`], which records
+//!   them for cancel.
 //! - **freeze** is the blackout: the KFENCE samplers (the heap's own and
 //!   any attached with [`Session::attach_sampler`]) are disabled, deferred
-//!   frees are drained, every subsystem writes its state into its own node
-//!   of the metadata tree (`compatible` plus typed properties, pointers as
-//!   [`PhysRange`]), and the heap scrubs and records its preservable slabs
-//!   and writes the image into a fresh folio of general memory (never
-//!   scratch, never the KFENCE pool; the successor claims it like a
-//!   preserved folio).
+//!   frees are drained ([`Session::attach_deferred`]), every subsystem
+//!   writes its state into its own node of the metadata tree (`compatible`
+//!   plus typed properties, pointers as [`PhysRange`]), and the heap scrubs
+//!   and records its preservable slabs and writes the image into a fresh
+//!   folio of general memory that its own MEMMAP preserves. Freeze takes
+//!   no lock an allocation path holds for long and waits on no future
+//!   work; it allocates only in proportion to the metadata (see
+//!   [`Heap::freeze`]).
 //! - **commit** makes the image durable (`msync`), then publishes it by
 //!   writing the other superblock slot with the next generation and a CRC.
-//!   A crash anywhere before the slot is durable leaves the previous
-//!   generation; [`FaultPoint`]s let tests crash at every step.
-//! - **cancel** never fails, never blocks and never allocates: it calls each
-//!   subsystem's `cancel` and queues cleanup records allocated at
-//!   registration (discarding the frozen image, unpreserving what prepare
-//!   preserved) on an epoch [`Domain`]; they run after a grace period, at
-//!   [`Session::poll`] or [`Session::barrier`].
+//!   A crash anywhere before the slot is complete leaves the previous
+//!   generation; [`FaultPoint`]s let tests crash, or fail, at every step.
+//! - **cancel** never fails, never blocks and never allocates: it calls
+//!   each prepared subsystem's `cancel`, and queues the cleanup records
+//!   allocated at registration plus the session's own, to which it hands
+//!   (by one atomic swap) what must be undone: the frozen image, what
+//!   prepare preserved, the samplers freeze disabled. They run after a
+//!   grace period of the epoch [`Domain`], at [`Session::poll`],
+//!   [`Session::barrier`] or the next prepare.
+//! - **abort** takes a committed handover back when the successor cannot
+//!   be started (a failed `exec`): it publishes a superblock with no image,
+//!   then undoes the rest as cancel does.
+//!
+//! Frees from a signal handler ([`crate::deferred`]) that arrive after
+//! freeze drained the list are not part of the handover: the image records
+//! the object as live, the successor receives it among the restored
+//! objects no subsystem takes, and [`Session::finish`] frees it.
+//!
+//! # Restore
 //!
 //! A successor finds its arena by `exec` ([`inherited_arena`], the memfd or
-//! file descriptor named by [`ARENA_FD_ENV`], as QEMU's cpr-exec passes it)
-//! or by reopening the arena file (a restart), then calls [`Session::start`],
-//! [`Session::restore`] and [`Session::finish`].
+//! file descriptor named by [`ARENA_FD_ENV`], as QEMU's cpr-exec passes
+//! it; the descriptor itself is used, never a reopen of it) or by
+//! reopening the arena file (a restart), then calls [`Session::start`],
+//! [`Session::restore`] and [`Session::finish`]. The handover is consumed
+//! (recorded in the superblock as restored) only by `finish`, once every
+//! subsystem holds its state: a successor that dies or fails before that
+//! leaves the image for the next one. The outcomes of
+//! [`restore`](Session::restore) are:
+//!
+//! | failure | session afterwards | arena |
+//! |---|---|---|
+//! | image CRC, format, geometry, generation, placement; tree root, an unclaimed node, an incompatible node the subsystem does not cold-start | INCOMING | untouched |
+//! | a subsystem's `restore` or `cold_start` fails, or the restore fails after them | INCOMING: every subsystem that restored was told to [`abort_restore`](Subsystem::abort_restore), the heap dropped | untouched |
+//! | the same, but a subsystem kept a handle to the heap | NORMAL over the restored heap; unclaimed memory freed | image recorded as restored |
+//!
+//! From INCOMING, restore may be called again, or
+//! [`abandon_handover`](Session::abandon_handover) starts cold.
 
-mod fault;
+pub(crate) mod fault;
 mod os;
+mod undo;
 
-use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use kho_core::{Folio, Node, PhysAddr, PhysRange, Tree, TreeError, PAGE_SIZE};
+use kho_core::{Folio, Image, Node, PhysRange, Tree, TreeError};
 
 use crate::arena::Arena;
 use crate::deferred::{DeferredFrees, DrainStats};
 use crate::epoch::{Cleanup, Domain};
-use crate::heap::{FreezeStats, FrozenImage, Heap, Pages, Restored};
-use crate::kfence::Sampler;
-use crate::layout::Region;
-use crate::superblock::Superblock;
+use crate::heap::{FreezeStats, Heap, Pages, Refused, RestoreError, Restored};
+use crate::kfence::{SampleMode, Sampler};
+use crate::layout::Layout;
 
 pub use fault::{arm, arm_from_env, disarm, FaultAction, FaultPoint, FAULT_ENV};
-pub use os::monotonic_ns;
+pub use os::{cloexec, monotonic_ns};
+use undo::{Undo, UndoShared};
 
 /// Environment variable naming the arena descriptor inherited across
 /// `exec`.
@@ -124,11 +159,16 @@ impl State {
     /// allowed here.
     pub const fn after(self, op: Op) -> Option<State> {
         match (self, op) {
+            (State::Normal | State::Incoming | State::Finished, Op::Register) => Some(self),
+            (State::Normal, Op::ColdStart) => Some(State::Normal),
             (State::Normal | State::Finished, Op::Prepare) => Some(State::Prepared),
             (State::Prepared, Op::Freeze) => Some(State::Frozen),
             (State::Frozen, Op::Commit) => Some(State::Committed),
             (State::Prepared | State::Frozen, Op::Cancel) => Some(State::Normal),
+            (State::Committed, Op::ExecEnv) => Some(State::Committed),
+            (State::Committed, Op::Abort) => Some(State::Normal),
             (State::Incoming, Op::Restore) => Some(State::Restored),
+            (State::Incoming, Op::Abandon) => Some(State::Normal),
             (State::Restored, Op::Finish) => Some(State::Finished),
             _ => None,
         }
@@ -144,6 +184,10 @@ impl std::fmt::Display for State {
 /// A session operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
+    /// [`Session::register`].
+    Register,
+    /// [`Session::cold_start`].
+    ColdStart,
     /// [`Session::prepare`].
     Prepare,
     /// [`Session::freeze`].
@@ -152,31 +196,47 @@ pub enum Op {
     Commit,
     /// [`Session::cancel`].
     Cancel,
+    /// [`Session::exec_env`].
+    ExecEnv,
+    /// [`Session::abort`].
+    Abort,
     /// [`Session::restore`].
     Restore,
+    /// [`Session::abandon_handover`].
+    Abandon,
     /// [`Session::finish`].
     Finish,
 }
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 11] = [
+        Op::Register,
+        Op::ColdStart,
         Op::Prepare,
         Op::Freeze,
         Op::Commit,
         Op::Cancel,
+        Op::ExecEnv,
+        Op::Abort,
         Op::Restore,
+        Op::Abandon,
         Op::Finish,
     ];
 
     /// Lower-case name.
     pub const fn name(self) -> &'static str {
         match self {
+            Op::Register => "register",
+            Op::ColdStart => "cold start",
             Op::Prepare => "prepare",
             Op::Freeze => "freeze",
             Op::Commit => "commit",
             Op::Cancel => "cancel",
+            Op::ExecEnv => "exec",
+            Op::Abort => "abort",
             Op::Restore => "restore",
+            Op::Abandon => "abandon",
             Op::Finish => "finish",
         }
     }
@@ -201,7 +261,8 @@ pub enum SessionError {
         from: State,
     },
     /// The successor's node for a subsystem has another `compatible`, or
-    /// is missing (`found` is then `"<missing>"`).
+    /// is missing (`found` is then `"<missing>"`). For the tree's root,
+    /// `subsystem` is empty.
     #[error("subsystem {subsystem:?}: node /{subsystem} is incompatible: expected {expected:?}, found {found:?}")]
     Incompatible {
         /// Subsystem (and node) name.
@@ -243,14 +304,6 @@ pub enum SessionError {
         /// Why: no image, or already restored.
         reason: &'static str,
     },
-    /// The image landed outside general memory.
-    #[error("image at {offset:#x} is in {found} memory, expected general memory")]
-    ImagePlacement {
-        /// Image offset.
-        offset: u64,
-        /// Region found.
-        found: &'static str,
-    },
     /// The arena descriptor passed in [`ARENA_FD_ENV`] is unusable.
     #[error("{var}={value:?}: {reason}")]
     Inherit {
@@ -261,7 +314,7 @@ pub enum SessionError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The session has no heap (a successor before restore).
+    /// The session has no heap (a successor before restore) or no arena.
     #[error("the session has no heap in state {state}")]
     NoHeap {
         /// The session's state.
@@ -297,8 +350,9 @@ pub enum Recovery {
     ColdStart,
 }
 
-/// Context of [`Subsystem::prepare`]: the heap, and preservation that the
-/// session undoes on cancel.
+/// Context of [`Subsystem::prepare`]: preservation that the session
+/// records and undoes on cancel. Memory a subsystem preserves on the heap
+/// directly is not recorded, and a cancel leaves it preserved.
 #[derive(Debug)]
 pub struct PrepareCx<'a> {
     heap: &'a Heap,
@@ -306,15 +360,22 @@ pub struct PrepareCx<'a> {
 }
 
 impl PrepareCx<'_> {
-    /// The heap.
-    pub fn heap(&self) -> &Heap {
-        self.heap
+    /// The heap's geometry.
+    pub fn layout(&self) -> &Layout {
+        self.heap.layout()
     }
 
     /// Preserve `pages` across the handover (undone on cancel).
     pub fn preserve_pages(&mut self, pages: &Pages) -> crate::Result<()> {
         self.heap.preserve_pages(pages)?;
         self.preserved.push(Preserved::Folio(pages.folio()));
+        Ok(())
+    }
+
+    /// Preserve the folio `folio` of arena memory (undone on cancel).
+    pub fn preserve_folio(&mut self, folio: Folio) -> crate::Result<()> {
+        self.heap.preserve_folio(folio)?;
+        self.preserved.push(Preserved::Folio(folio));
         Ok(())
     }
 
@@ -365,17 +426,28 @@ pub trait Subsystem: Send {
     /// Heavy work while the service still runs: preserve memory.
     fn prepare(&mut self, cx: &mut PrepareCx<'_>) -> std::result::Result<(), BoxError>;
     /// Blackout: write the state into `node` (already named, with its
-    /// `compatible`).
+    /// `compatible`). From here until cancel or abort, the state must not
+    /// change.
     fn freeze(&mut self, node: &mut Node) -> std::result::Result<(), BoxError>;
-    /// Abandon the handover. Never blocks, allocates or fails.
+    /// Abandon the handover (cancel, or abort of a committed one). Never
+    /// blocks, allocates or fails.
     fn cancel(&mut self);
-    /// Successor: take the state back from `node`.
+    /// Successor: take the state back from `node`. On error, take nothing
+    /// (or give it back in [`abort_restore`](Subsystem::abort_restore)).
     fn restore(&mut self, cx: &mut RestoreCx<'_>, node: &Node)
         -> std::result::Result<(), BoxError>;
+    /// Successor: the restore failed after this subsystem's `restore` or
+    /// `cold_start` ran (in this subsystem or a later one). Give back
+    /// everything they took — objects and folios to the heap, and every
+    /// handle to it — so that the session can return the arena unconsumed.
+    /// Never fails. The default does nothing, which is right for a
+    /// subsystem that keeps no memory or heap handle.
+    fn abort_restore(&mut self) {}
     /// Successor: the handover is complete; serve.
     fn finish(&mut self) {}
     /// Successor: the node is missing or incompatible. The default fails
     /// the restore; return [`Recovery::ColdStart`] to start empty instead.
+    /// Called while the image is validated, before anything is restored.
     fn on_incompatible(&mut self, error: &SessionError) -> Recovery {
         let _ = error;
         Recovery::Fail
@@ -438,7 +510,8 @@ pub enum Start {
         /// Generation of the image.
         generation: u64,
     },
-    /// No handover; every subsystem cold-started.
+    /// No handover; call [`Session::cold_start`] once the subsystems are
+    /// registered.
     Cold {
         /// Why there was no handover.
         reason: &'static str,
@@ -451,17 +524,10 @@ struct Entry {
     prepared: bool,
 }
 
-/// What cancel hands to the session's cleanup record.
-#[derive(Default)]
-struct Undo {
-    heap: Option<Heap>,
-    preserved: Vec<Preserved>,
-    frozen: Option<FrozenImage>,
-    sampler: Option<(Arc<Sampler>, crate::kfence::SampleMode)>,
-    /// Mode to re-enable the heap's own sampler in.
-    heap_kfence: Option<crate::kfence::SampleMode>,
-    /// Cleanup failures, for [`Session::cleanup_errors`].
-    errors: u64,
+/// What restore does with a subsystem, decided while validating.
+enum Plan {
+    Restore,
+    Cold(String),
 }
 
 /// A handover session.
@@ -471,16 +537,16 @@ pub struct Session {
     arena: Option<Arena>,
     entries: Vec<Entry>,
     domain: Domain,
-    sampler: Option<(Arc<Sampler>, crate::kfence::SampleMode)>,
+    sampler: Option<(Arc<Sampler>, SampleMode)>,
     /// Mode of the heap's own sampler ([`Heap::kfence`]) after a cancel.
-    heap_kfence_mode: crate::kfence::SampleMode,
-    /// Whether this freeze disabled the heap's sampler.
-    heap_kfence_disabled: bool,
+    heap_kfence_mode: SampleMode,
     deferred: Option<Arc<DeferredFrees>>,
-    preserved: Vec<Preserved>,
-    frozen: Option<FrozenImage>,
-    undo: Arc<Mutex<Undo>>,
+    /// What a cancel would undo now (`None` only in cancel's hand-over).
+    undo: Option<Box<Undo>>,
+    undo_shared: Arc<UndoShared>,
     undo_record: Cleanup,
+    /// Whether [`exec_env`](Self::exec_env) cleared `FD_CLOEXEC`.
+    inheritable: bool,
     report: FreezeReport,
     restored: Option<Restored>,
     restore_report: RestoreReport,
@@ -503,47 +569,16 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Session {
     fn build(heap: Option<Heap>, arena: Option<Arena>, state: State) -> Session {
-        let undo = Arc::new(Mutex::new(Undo {
-            heap: heap.clone(),
-            ..Undo::default()
-        }));
-        let u = Arc::clone(&undo);
-        let undo_record = Cleanup::new(move || {
-            let mut g = lock(&u);
-            let undo = &mut *g;
-            let Some(heap) = undo.heap.clone() else {
-                return;
-            };
-            for p in undo.preserved.drain(..) {
-                let r = match p {
-                    Preserved::Folio(f) => heap.unpreserve_folio(f),
-                    Preserved::Range(r) => heap.unpreserve_range(r),
-                };
-                if r.is_err() {
-                    undo.errors += 1;
-                }
-            }
-            if let Some(frozen) = undo.frozen.take() {
-                if heap.discard(frozen).is_err() {
-                    undo.errors += 1;
-                }
-            }
-            if let Some((sampler, mode)) = undo.sampler.take() {
-                if sampler.enable(mode).is_err() {
-                    undo.errors += 1;
-                }
-            }
-            if let (Some(mode), Some(k)) = (undo.heap_kfence.take(), heap.kfence()) {
-                if k.enable(mode).is_err() {
-                    undo.errors += 1;
-                }
-            }
+        let undo_shared = Arc::new(UndoShared::default());
+        let u = Arc::clone(&undo_shared);
+        let undo_record = Cleanup::new(move || u.run_pending());
+        let undo = heap.as_ref().map(|h| {
+            Box::new(Undo {
+                heap: Some(h.clone()),
+                ..Undo::default()
+            })
         });
         Session {
             state,
@@ -552,13 +587,12 @@ impl Session {
             entries: Vec::new(),
             domain: Domain::new(DEFAULT_READERS),
             sampler: None,
-            heap_kfence_mode: crate::kfence::SampleMode::default(),
-            heap_kfence_disabled: false,
+            heap_kfence_mode: SampleMode::default(),
             deferred: None,
-            preserved: Vec::new(),
-            frozen: None,
             undo,
+            undo_shared,
             undo_record,
+            inheritable: false,
             report: FreezeReport::default(),
             restored: None,
             restore_report: RestoreReport::default(),
@@ -573,9 +607,9 @@ impl Session {
     /// A successor's session over `arena` (inherited or reopened). With an
     /// unrestored image the session is [`State::Incoming`] and
     /// [`restore`](Self::restore) comes next; otherwise a fresh heap is
-    /// built over the arena and the session is [`State::Normal`]
-    /// (subsystems registered later are cold-started by
-    /// [`register`](Self::register)).
+    /// built over the arena, the session is [`State::Normal`], and
+    /// [`cold_start`](Self::cold_start) comes once the subsystems are
+    /// registered.
     pub fn start(arena: Arena) -> Result<(Session, Start)> {
         let generation = arena.generation();
         let reason = if arena.current_image().is_none() {
@@ -622,21 +656,12 @@ impl Session {
     }
 
     /// Register a subsystem (in NORMAL, INCOMING or FINISHED). Its cleanup
-    /// record is allocated now. A successor that found no handover calls
-    /// [`cold_start`](Self::cold_start) once everything is registered.
+    /// record is allocated now.
     pub fn register(&mut self, sub: Box<dyn Subsystem>) -> Result<()> {
+        self.transition(Op::Register)?;
         if self.entries.iter().any(|e| e.sub.name() == sub.name()) {
             return Err(SessionError::DuplicateSubsystem {
                 name: sub.name().to_owned(),
-            });
-        }
-        if !matches!(
-            self.state,
-            State::Normal | State::Incoming | State::Finished
-        ) {
-            return Err(SessionError::InvalidTransition {
-                op: Op::Prepare,
-                from: self.state,
             });
         }
         let cleanup = sub.cleanup();
@@ -648,32 +673,37 @@ impl Session {
         Ok(())
     }
 
-    /// Call [`Subsystem::cold_start`] on every subsystem (a successor that
-    /// found no handover, or a first start).
+    /// NORMAL: call [`Subsystem::cold_start`] on every subsystem (a
+    /// successor that found no handover, or a first start).
     pub fn cold_start(&mut self) -> Result<()> {
+        self.transition(Op::ColdStart)?;
+        self.cold_start_all()
+    }
+
+    fn cold_start_all(&mut self) -> Result<()> {
         let heap = self.heap_or_err()?.clone();
         for e in &mut self.entries {
             e.sub
                 .cold_start(&heap)
                 .map_err(|source| SessionError::Subsystem {
                     subsystem: e.sub.name().to_owned(),
-                    op: Op::Restore,
+                    op: Op::ColdStart,
                     source,
                 })?;
         }
         Ok(())
     }
 
-    /// Disable `sampler` at every freeze (and re-enable it in `mode` after
-    /// a cancel).
-    pub fn attach_sampler(&mut self, sampler: Arc<Sampler>, mode: crate::kfence::SampleMode) {
+    /// Disable `sampler` at every freeze (and, if freeze disabled it,
+    /// re-enable it in `mode` after a cancel or abort).
+    pub fn attach_sampler(&mut self, sampler: Arc<Sampler>, mode: SampleMode) {
         self.sampler = Some((sampler, mode));
     }
 
     /// The mode the heap's own KFENCE sampler ([`Heap::kfence`]) is
-    /// re-enabled in after a cancel (default: the default time gate). Freeze
-    /// always disables it.
-    pub fn set_heap_kfence_mode(&mut self, mode: crate::kfence::SampleMode) {
+    /// re-enabled in after a cancel or abort, if freeze disabled it
+    /// (default: the default time gate).
+    pub fn set_heap_kfence_mode(&mut self, mode: SampleMode) {
         self.heap_kfence_mode = mode;
     }
 
@@ -695,35 +725,72 @@ impl Session {
         })
     }
 
-    /// NORMAL/FINISHED → PREPARED: wait for earlier cleanups, then let every
-    /// subsystem prepare. A failing subsystem cancels the ones before it
-    /// and the session stays where it was.
+    /// Wait until the undo record of an earlier cancel has run: prepare
+    /// preserves the same memory again.
+    fn settle_undo(&self) {
+        loop {
+            self.domain.wait_for(&self.undo_record);
+            if self.undo_shared.pending.is_empty() {
+                return;
+            }
+            // Handed over while the record was running: run it again.
+            self.domain.defer(&self.undo_record);
+        }
+    }
+
+    /// The working undo record, created (or reused) if needed. Never called
+    /// from cancel.
+    fn undo_mut(&mut self) -> &mut Undo {
+        let heap = self.heap.clone();
+        let shared = &self.undo_shared;
+        let u = self
+            .undo
+            .get_or_insert_with(|| shared.spare.take().unwrap_or_default());
+        if u.heap.is_none() {
+            u.heap = heap;
+        }
+        u
+    }
+
+    /// NORMAL/FINISHED → PREPARED: wait for an earlier cancel's cleanup,
+    /// then let every subsystem prepare. A failing subsystem cancels the
+    /// ones before it and the session stays where it was.
     pub fn prepare(&mut self) -> Result<()> {
         let next = self.transition(Op::Prepare)?;
         let heap = self.heap_or_err()?.clone();
-        // The undo record of an earlier cancel must have run: it shares
-        // the cleanup state this prepare fills.
-        self.domain.barrier();
+        self.settle_undo();
         self.report = FreezeReport::default();
-        for i in 0..self.entries.len() {
-            let e = &mut self.entries[i];
-            let mut cx = PrepareCx {
-                heap: &heap,
-                preserved: &mut self.preserved,
+        self.undo_mut();
+        let mut failed = None;
+        {
+            let preserved = match self.undo.as_mut() {
+                Some(u) => &mut u.preserved,
+                None => return Err(SessionError::NoHeap { state: self.state }),
             };
-            match e.sub.prepare(&mut cx) {
-                Ok(()) => e.prepared = true,
-                Err(source) => {
-                    let subsystem = e.sub.name().to_owned();
-                    self.cancel_inner();
-                    self.domain.barrier();
-                    return Err(SessionError::Subsystem {
-                        subsystem,
-                        op: Op::Prepare,
-                        source,
-                    });
+            for e in &mut self.entries {
+                let mut cx = PrepareCx {
+                    heap: &heap,
+                    preserved,
+                };
+                match e.sub.prepare(&mut cx) {
+                    Ok(()) => e.prepared = true,
+                    Err(source) => {
+                        failed = Some(SessionError::Subsystem {
+                            subsystem: e.sub.name().to_owned(),
+                            op: Op::Prepare,
+                            source,
+                        });
+                        break;
+                    }
                 }
             }
+        }
+        if let Some(err) = failed {
+            let from = self.state;
+            self.cancel_inner();
+            self.settle_undo();
+            self.state = from;
+            return Err(err);
         }
         self.state = next;
         Ok(())
@@ -736,11 +803,9 @@ impl Session {
         let started_ns = monotonic_ns();
         let t = std::time::Instant::now();
         match self.freeze_inner() {
-            Ok((frozen, drained)) => {
+            Ok(drained) => {
                 self.report.started_ns = started_ns;
                 self.report.drained = drained;
-                self.report.stats = frozen.stats();
-                self.frozen = Some(frozen);
                 self.report.freeze = t.elapsed();
                 self.state = next;
                 Ok(())
@@ -752,16 +817,27 @@ impl Session {
         }
     }
 
-    fn freeze_inner(&mut self) -> Result<(FrozenImage, DrainStats)> {
-        fault::hit(FaultPoint::BeforeFreeze);
-        if let Some((sampler, _)) = &self.sampler {
-            sampler.disable();
-        }
+    fn freeze_inner(&mut self) -> Result<DrainStats> {
+        let io = |source| SessionError::Io {
+            op: "freeze",
+            source,
+        };
+        fault::hit(FaultPoint::BeforeFreeze).map_err(io)?;
         let heap = self.heap_or_err()?.clone();
+        let sampler = self.sampler.clone();
+        let heap_mode = self.heap_kfence_mode;
+        let undo = self.undo_mut();
+        // Re-enabled on cancel only if freeze is what turned it off.
+        if let Some((s, mode)) = sampler {
+            if s.is_enabled() {
+                s.disable();
+                undo.sampler = Some((s, mode));
+            }
+        }
         if let Some(k) = heap.kfence() {
             if k.is_enabled() {
                 k.disable();
-                self.heap_kfence_disabled = true;
+                undo.heap_kfence = Some(heap_mode);
             }
         }
         let drained = match &self.deferred {
@@ -782,48 +858,27 @@ impl Session {
             root.push_child(node);
         }
         let tree = Tree::new(root);
-        fault::hit(FaultPoint::AfterSubsystemFreeze);
+        fault::hit(FaultPoint::AfterSubsystemFreeze).map_err(io)?;
         let frozen = heap.freeze(Some(&tree))?;
-        let offset = frozen.location().offset;
-        let region = heap.region_of(PhysAddr(offset).pfn());
-        if region != Some(Region::General) {
-            let _ = heap.discard(frozen);
-            return Err(SessionError::ImagePlacement {
-                offset,
-                found: region.map_or("no", Region::name),
-            });
-        }
-        fault::hit(FaultPoint::AfterImageWrite);
-        Ok((frozen, drained))
+        self.report.stats = frozen.stats();
+        self.undo_mut().frozen = Some(frozen);
+        Ok(drained)
     }
 
     /// FROZEN → COMMITTED: make the image durable, then publish it in the
-    /// other superblock slot. On error the session cancels (back to
-    /// NORMAL); the previous generation stays current.
+    /// other superblock slot. On error the image is discarded and the
+    /// session cancels (back to NORMAL); the previous generation stays
+    /// current. Once published, commit does not fail.
     pub fn commit(&mut self) -> Result<u64> {
         let next = self.transition(Op::Commit)?;
         let t = std::time::Instant::now();
         let heap = self.heap_or_err()?.clone();
-        let Some(frozen) = self.frozen.take() else {
+        let Some(frozen) = self.undo.as_mut().and_then(|u| u.frozen.take()) else {
             return Err(SessionError::InvalidTransition {
                 op: Op::Commit,
                 from: self.state,
             });
         };
-        let loc = frozen.location();
-        if let Err(e) = heap
-            .arena()
-            .sync(PhysRange::new(PhysAddr(loc.offset), loc.len))
-        {
-            self.frozen = Some(frozen);
-            self.cancel_inner();
-            return Err(e.into());
-        }
-        fault::hit(FaultPoint::AfterImageSync);
-        if fault::armed(FaultPoint::TornSuperblock) {
-            tear_next_slot(heap.arena(), loc);
-            fault::hit(FaultPoint::TornSuperblock);
-        }
         let generation = match heap.commit(frozen) {
             Ok(g) => g,
             Err(e) => {
@@ -831,17 +886,10 @@ impl Session {
                 return Err(e.into());
             }
         };
-        fault::hit(FaultPoint::AfterPublish);
         self.report.commit = t.elapsed();
         self.report.generation = generation;
+        self.report.preserved_bytes = self.report.stats.preserved_bytes;
         self.state = next;
-        // Outside the blackout figures: what the image preserves.
-        self.report.preserved_bytes = heap
-            .arena()
-            .image_bytes()
-            .ok()
-            .and_then(|b| kho_core::Image::parse(b).ok().map(|i| i.preserved_bytes()))
-            .unwrap_or(0);
         Ok(generation)
     }
 
@@ -859,8 +907,9 @@ impl Session {
     /// PREPARED/FROZEN → NORMAL. Never fails, blocks or allocates: calls
     /// every prepared subsystem's `cancel` (in reverse order), then queues
     /// their cleanup records and the session's own (discard the frozen
-    /// image, unpreserve, re-enable the sampler) to run after a grace
-    /// period. [`barrier`](Self::barrier) waits for them.
+    /// image, unpreserve what prepare preserved, re-enable the samplers
+    /// freeze disabled) to run after a grace period.
+    /// [`barrier`](Self::barrier) waits for them.
     ///
     /// Cancel in any other state is refused as an invalid transition and
     /// changes nothing.
@@ -880,24 +929,39 @@ impl Session {
                 }
             }
         }
-        // `prepare` ran a barrier, so no runner holds the undo state: the
-        // lock is free. Should it ever be held, the state stays here and
-        // the next cancel hands it over.
-        if let Ok(mut undo) = self.undo.try_lock() {
-            std::mem::swap(&mut undo.preserved, &mut self.preserved);
-            if undo.frozen.is_none() {
-                undo.frozen = self.frozen.take();
+        if let Some(mut u) = self.undo.take() {
+            // Only this session fills the mailbox and it is empty unless a
+            // record was handed over while the cleanup was running (then it
+            // is chained, never dropped here: dropping could block).
+            u.next = self.undo_shared.pending.take();
+            if let Some(back) = self.undo_shared.pending.put(u) {
+                self.undo = Some(back);
             }
-            if undo.sampler.is_none() {
-                undo.sampler = self.sampler.clone();
-            }
-            if std::mem::take(&mut self.heap_kfence_disabled) {
-                undo.heap_kfence = Some(self.heap_kfence_mode);
-            }
-            drop(undo);
             self.domain.defer(&self.undo_record);
         }
         self.state = State::Normal;
+    }
+
+    /// COMMITTED → NORMAL, when the successor cannot be started (a failed
+    /// `exec`): publish a superblock with no image, so that no successor
+    /// restores this handover, set `FD_CLOEXEC` again if
+    /// [`exec_env`](Self::exec_env) cleared it, then undo the rest as
+    /// [`cancel`](Self::cancel) does (subsystems' `cancel`, unpreserve,
+    /// re-enable samplers). On error (the publish failed) the session stays
+    /// COMMITTED and the handover published. Returns the new generation.
+    pub fn abort(&mut self) -> Result<u64> {
+        self.transition(Op::Abort)?;
+        let heap = self.heap_or_err()?.clone();
+        let generation = heap.withdraw()?;
+        if std::mem::take(&mut self.inheritable) {
+            if let Some(f) = heap.arena().file() {
+                // The successor never ran; its descriptor must not leak
+                // into the service's later children.
+                let _ = os::set_cloexec(std::os::fd::AsRawFd::as_raw_fd(f), true);
+            }
+        }
+        self.cancel_inner();
+        Ok(generation)
     }
 
     /// Run the cleanups whose grace period has passed; never waits.
@@ -905,151 +969,170 @@ impl Session {
         self.domain.poll()
     }
 
-    /// Wait for every pending cleanup.
+    /// Wait for every cleanup queued before the call.
     pub fn barrier(&self) {
         self.domain.barrier();
     }
 
-    /// Cleanup steps that failed so far (an unpreserve or discard the heap
-    /// refused).
+    /// Cleanup steps that failed so far: an unpreserve or discard the heap
+    /// refused, a sampler that would not re-enable, a restored object
+    /// `finish` could not free.
     pub fn cleanup_errors(&self) -> u64 {
-        lock(&self.undo).errors
+        self.undo_shared
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Prepare an `exec` of the successor: clear `FD_CLOEXEC` on the
     /// arena's descriptor and return the environment variable
     /// ([`ARENA_FD_ENV`], descriptor number) to give the new program.
-    /// Allowed once committed.
-    pub fn exec_env(&self) -> Result<(&'static str, String)> {
-        if self.state != State::Committed {
-            return Err(SessionError::InvalidTransition {
-                op: Op::Commit,
-                from: self.state,
-            });
-        }
+    /// Allowed once committed; [`abort`](Self::abort) sets `FD_CLOEXEC`
+    /// again.
+    pub fn exec_env(&mut self) -> Result<(&'static str, String)> {
+        self.transition(Op::ExecEnv)?;
         let fd = self.heap_or_err()?.arena().inheritable_fd()?;
+        self.inheritable = true;
         Ok((ARENA_FD_ENV, fd.to_string()))
     }
 
-    /// INCOMING → RESTORED: validate the image, restore the heap, and give
-    /// every subsystem its node. A missing or incompatible node is an
-    /// error naming expected and found, unless the subsystem chooses a
-    /// cold start; a node no subsystem claims is an error.
-    ///
-    /// Errors found before the heap is restored (a corrupt image) leave the
-    /// session INCOMING with the arena untouched; see
-    /// [`abandon_handover`](Self::abandon_handover). Errors after it leave
-    /// the session NORMAL with the restored heap.
+    /// INCOMING → RESTORED: validate the image and the metadata tree
+    /// against the registered subsystems, restore the heap, and give every
+    /// subsystem its node (or a cold start, if it chose one for a missing
+    /// or incompatible node). The image is recorded as restored by
+    /// [`finish`](Self::finish), not here. See the
+    /// [module documentation](self#restore) for each failure's outcome.
     pub fn restore(&mut self) -> Result<&RestoreReport> {
         let next = self.transition(Op::Restore)?;
         let t = std::time::Instant::now();
         let arena = self
             .arena
-            .as_ref()
+            .take()
             .ok_or(SessionError::NoHeap { state: self.state })?;
-        // Validate before the arena is consumed.
-        let generation = kho_core::Image::parse(arena.image_bytes()?)
-            .map_err(crate::Error::from)?
-            .header()
-            .generation;
-        let Some(arena) = self.arena.take() else {
-            return Err(SessionError::NoHeap { state: self.state });
-        };
-        let (heap, mut restored) = Heap::restore(arena)?;
-        self.heap = Some(heap.clone());
-        lock(&self.undo).heap = Some(heap.clone());
-        self.state = State::Normal;
-        let tree = restored.tree.take();
-        let root = match tree.as_ref().map(Tree::root) {
-            Some(root) if root.compatible == SESSION_COMPATIBLE => root,
-            other => {
-                return Err(SessionError::Incompatible {
-                    subsystem: String::new(),
-                    expected: SESSION_COMPATIBLE.to_owned(),
-                    found: other.map_or_else(|| "<missing>".to_owned(), |r| r.compatible.clone()),
-                })
-            }
-        };
-        for child in &root.children {
-            if !self.entries.iter().any(|e| e.sub.name() == child.name) {
-                return Err(SessionError::Unclaimed {
-                    node: child.name.clone(),
-                    compatible: child.compatible.clone(),
+        let mut plan = Vec::with_capacity(self.entries.len());
+        let entries = &mut self.entries;
+        let result = Heap::restore_with(arena, |image| validate(entries, image, &mut plan), false);
+        let (heap, mut restored) = match result {
+            Ok(r) => r,
+            Err(refused) => {
+                let Refused { arena, error } = *refused;
+                self.arena = arena;
+                return Err(match error {
+                    RestoreError::Heap(e) => e.into(),
+                    RestoreError::Check(e) => e,
                 });
             }
+        };
+        let io = |source| SessionError::Io {
+            op: "restore",
+            source,
+        };
+        if let Err(e) = fault::hit(FaultPoint::AfterHeapRestore) {
+            return Err(self.roll_back(0, heap, restored, io(e)));
         }
+        let tree = restored.tree.take();
         let mut report = RestoreReport {
-            generation,
+            generation: restored.generation,
             ..RestoreReport::default()
         };
-        for e in &mut self.entries {
+        for (i, step) in plan.iter().enumerate() {
+            let e = &mut self.entries[i];
             let name = e.sub.name().to_owned();
-            let node = root.child(&name);
-            let mismatch = match node {
-                None => Some("<missing>".to_owned()),
-                Some(n) if n.compatible != e.sub.compatible() => Some(n.compatible.clone()),
-                Some(_) => None,
-            };
-            if let Some(found) = mismatch {
-                let err = SessionError::Incompatible {
-                    subsystem: name.clone(),
-                    expected: e.sub.compatible().to_owned(),
-                    found,
-                };
-                match e.sub.on_incompatible(&err) {
-                    Recovery::Fail => return Err(err),
-                    Recovery::ColdStart => {
-                        e.sub
-                            .cold_start(&heap)
-                            .map_err(|source| SessionError::Subsystem {
-                                subsystem: name.clone(),
-                                op: Op::Restore,
-                                source,
-                            })?;
-                        report.cold_started.push((name, err.to_string()));
-                        continue;
+            let r = match step {
+                Plan::Cold(why) => e.sub.cold_start(&heap).map(|()| {
+                    report.cold_started.push((name.clone(), why.clone()));
+                }),
+                Plan::Restore => {
+                    let node = tree.as_ref().and_then(|t| t.root().child(&name));
+                    match node {
+                        Some(node) => {
+                            let mut cx = RestoreCx {
+                                heap: &heap,
+                                restored: &mut restored,
+                            };
+                            e.sub.restore(&mut cx, node).map(|()| {
+                                report.restored.push(name.clone());
+                            })
+                        }
+                        // Validated above; reported rather than assumed.
+                        None => Err(format!("node /{name} vanished").into()),
                     }
                 }
-            }
-            let Some(node) = node else { continue };
-            let mut cx = RestoreCx {
-                heap: &heap,
-                restored: &mut restored,
             };
-            e.sub
-                .restore(&mut cx, node)
-                .map_err(|source| SessionError::Subsystem {
-                    subsystem: name.clone(),
+            if let Err(source) = r {
+                let err = SessionError::Subsystem {
+                    subsystem: name,
                     op: Op::Restore,
                     source,
-                })?;
-            report.restored.push(name);
+                };
+                return Err(self.roll_back(i + 1, heap, restored, err));
+            }
+        }
+        if let Err(e) = fault::hit(FaultPoint::AfterSubsystemRestore) {
+            let n = self.entries.len();
+            return Err(self.roll_back(n, heap, restored, io(e)));
         }
         report.restore = t.elapsed();
+        self.heap = Some(heap);
         self.restored = Some(restored);
         self.restore_report = report;
+        self.undo_mut();
         self.state = next;
         Ok(&self.restore_report)
     }
 
-    /// INCOMING → NORMAL without restoring: a fresh heap over the arena
-    /// (the image is ignored) and a cold start of every subsystem.
-    pub fn abandon_handover(&mut self) -> Result<()> {
-        if self.state != State::Incoming {
-            return Err(SessionError::InvalidTransition {
-                op: Op::Restore,
-                from: self.state,
-            });
+    /// Undo a restore that failed after the heap was built: the first `n`
+    /// subsystems give back what they took, then the session returns to
+    /// INCOMING with the arena unconsumed — or, if a handle to the heap
+    /// survived, stays over that heap in NORMAL with the image consumed.
+    fn roll_back(
+        &mut self,
+        n: usize,
+        heap: Heap,
+        restored: Restored,
+        err: SessionError,
+    ) -> SessionError {
+        for e in self.entries[..n].iter_mut().rev() {
+            e.sub.abort_restore();
         }
+        match heap.into_arena() {
+            Ok(arena) => {
+                drop(restored);
+                self.arena = Some(arena);
+                self.state = State::Incoming;
+            }
+            Err(heap) => {
+                let failed = free_restored(&heap, restored).1;
+                let unmarked = u64::from(heap.mark_restored().is_err());
+                self.undo_shared
+                    .errors
+                    .fetch_add(failed + unmarked, std::sync::atomic::Ordering::Relaxed);
+                self.heap = Some(heap);
+                self.undo_mut();
+                self.state = State::Normal;
+            }
+        }
+        err
+    }
+
+    /// INCOMING → NORMAL without restoring: publish a superblock with no
+    /// image (so that no later successor restores it over memory the new
+    /// heap reuses), build a fresh heap over the arena, and cold-start
+    /// every subsystem. If the publish fails the session stays INCOMING.
+    pub fn abandon_handover(&mut self) -> Result<()> {
+        self.transition(Op::Abandon)?;
         let arena = self
             .arena
             .take()
             .ok_or(SessionError::NoHeap { state: self.state })?;
+        if let Err(e) = arena.publish(None) {
+            self.arena = Some(arena);
+            return Err(e.into());
+        }
         let heap = Heap::new(arena)?;
-        lock(&self.undo).heap = Some(heap.clone());
         self.heap = Some(heap);
+        self.undo_mut();
         self.state = State::Normal;
-        self.cold_start()
+        self.cold_start_all()
     }
 
     /// The last restore's report.
@@ -1057,36 +1140,106 @@ impl Session {
         &self.restore_report
     }
 
-    /// RESTORED → FINISHED: every subsystem's `finish`; restored objects and
-    /// folios that no subsystem took are freed.
+    /// RESTORED → FINISHED: record in the superblock that the image was
+    /// restored (from here on a crash no longer hands it to another
+    /// successor), call every subsystem's `finish`, and free the restored
+    /// objects and folios no subsystem took. If the record cannot be
+    /// written the session stays RESTORED.
     pub fn finish(&mut self) -> Result<()> {
         let next = self.transition(Op::Finish)?;
         let heap = self.heap_or_err()?.clone();
+        heap.mark_restored()?;
         for e in &mut self.entries {
             e.sub.finish();
         }
         if let Some(restored) = self.restored.take() {
-            let mut unclaimed = 0;
-            for c in restored.caches {
-                for obj in c.into_objects() {
-                    unclaimed += 1;
-                    heap.free(obj)?;
-                }
-            }
-            for p in restored.folios {
-                unclaimed += 1;
-                heap.free_pages(p)?;
-            }
+            let (unclaimed, failed) = free_restored(&heap, restored);
             self.restore_report.unclaimed = unclaimed;
+            self.undo_shared
+                .errors
+                .fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
         }
         self.state = next;
         Ok(())
     }
 }
 
+impl Drop for Session {
+    /// A session dropped mid-handover cancels it, so that its heap is left
+    /// with nothing preserved for a handover that will not happen.
+    fn drop(&mut self) {
+        if matches!(self.state, State::Prepared | State::Frozen) {
+            self.cancel_inner();
+        }
+    }
+}
+
+/// Check the image's tree against the subsystems before anything is
+/// restored; fills `plan` with what each subsystem does.
+fn validate(entries: &mut [Entry], image: &Image<'_>, plan: &mut Vec<Plan>) -> Result<()> {
+    let root = match image.tree().map(Tree::root) {
+        Some(root) if root.compatible == SESSION_COMPATIBLE => root,
+        other => {
+            return Err(SessionError::Incompatible {
+                subsystem: String::new(),
+                expected: SESSION_COMPATIBLE.to_owned(),
+                found: other.map_or_else(|| "<missing>".to_owned(), |r| r.compatible.clone()),
+            })
+        }
+    };
+    for child in &root.children {
+        if !entries.iter().any(|e| e.sub.name() == child.name) {
+            return Err(SessionError::Unclaimed {
+                node: child.name.clone(),
+                compatible: child.compatible.clone(),
+            });
+        }
+    }
+    plan.clear();
+    for e in entries.iter_mut() {
+        let name = e.sub.name();
+        let found = match root.child(name) {
+            None => Some("<missing>".to_owned()),
+            Some(n) if n.compatible != e.sub.compatible() => Some(n.compatible.clone()),
+            Some(_) => None,
+        };
+        let Some(found) = found else {
+            plan.push(Plan::Restore);
+            continue;
+        };
+        let err = SessionError::Incompatible {
+            subsystem: name.to_owned(),
+            expected: e.sub.compatible().to_owned(),
+            found,
+        };
+        match e.sub.on_incompatible(&err) {
+            Recovery::Fail => return Err(err),
+            Recovery::ColdStart => plan.push(Plan::Cold(err.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Free what no subsystem took: (objects and folios, frees refused).
+fn free_restored(heap: &Heap, restored: Restored) -> (u64, u64) {
+    let (mut n, mut failed) = (0, 0);
+    for c in restored.caches {
+        for obj in c.into_objects() {
+            n += 1;
+            failed += u64::from(heap.free(obj).is_err());
+        }
+    }
+    for p in restored.folios {
+        n += 1;
+        failed += u64::from(heap.free_pages(p).is_err());
+    }
+    (n, failed)
+}
+
 /// The arena inherited across `exec`: the descriptor named by
-/// [`ARENA_FD_ENV`], if set. The variable is removed so that the
-/// process's own children do not see it.
+/// [`ARENA_FD_ENV`], if set, opened as it is (a reopen would be another
+/// open file, not the predecessor's). `FD_CLOEXEC` is set on it again and
+/// the variable removed, so that the process's own children see neither.
 pub fn inherited_arena() -> Result<Option<Arena>> {
     let Ok(value) = std::env::var(ARENA_FD_ENV) else {
         return Ok(None);
@@ -1101,26 +1254,4 @@ pub fn inherited_arena() -> Result<Option<Arena>> {
     std::env::remove_var(ARENA_FD_ENV);
     let file = std::fs::File::from(owned);
     Ok(Some(Arena::open_file(file)?))
-}
-
-/// Write the first half of the superblock that would publish `loc` into
-/// the non-current slot, durably: what a crash in the middle of the slot
-/// write leaves. Only for [`FaultPoint::TornSuperblock`].
-fn tear_next_slot(arena: &Arena, loc: crate::superblock::ImageLocation) {
-    let cur = arena.superblock();
-    let next = Superblock {
-        generation: cur.generation.wrapping_add(1),
-        image: Some(loc),
-        flags: 0,
-        ..cur
-    };
-    let raw = next.encode();
-    let bytes = zerocopy::IntoBytes::as_bytes(&raw);
-    // Slots alternate starting from slot 0 at generation 1.
-    let slot = cur.generation % 2;
-    if let Some(file) = arena.file() {
-        let half = &bytes[..bytes.len() / 2];
-        let _ = file.write_at(half, slot * PAGE_SIZE);
-        let _ = file.sync_data();
-    }
 }

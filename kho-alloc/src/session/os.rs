@@ -1,5 +1,6 @@
 //! The few system calls of sessions: a clock shared across `exec`, taking
-//! an inherited descriptor, and killing the process at a fault point.
+//! an inherited descriptor, descriptor flags, and killing the process at a
+//! fault point.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +34,41 @@ fn is_open(fd: RawFd) -> bool {
 
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// Take ownership of the inherited descriptor `fd`. Refuses the standard
-/// streams, closed descriptors, and a second call in the same process.
+/// Set (`on`) or clear `FD_CLOEXEC` on `fd`.
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+    // SAFETY: F_GETFD only reads the descriptor flags; an invalid `fd`
+    // gives EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let want = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    if want == flags {
+        return Ok(());
+    }
+    // SAFETY: F_SETFD only changes descriptor flags of `fd`.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, want) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `FD_CLOEXEC` is set on `fd` (`None`: not an open descriptor).
+pub fn cloexec(fd: RawFd) -> Option<bool> {
+    // SAFETY: F_GETFD only reads the descriptor flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    (flags >= 0).then_some(flags & libc::FD_CLOEXEC != 0)
+}
+
+/// Take ownership of the inherited descriptor `fd` and set `FD_CLOEXEC` on
+/// it again, so that the process's own children do not inherit the arena.
+/// Refuses the standard streams, closed descriptors, and a second call in
+/// the same process.
 pub(crate) fn take_inherited(fd: RawFd) -> Result<OwnedFd, &'static str> {
     if fd < 3 {
         return Err("a standard stream, not an arena");
@@ -44,6 +78,9 @@ pub(crate) fn take_inherited(fd: RawFd) -> Result<OwnedFd, &'static str> {
     }
     if TAKEN.swap(true, Ordering::SeqCst) {
         return Err("the inherited arena was already taken");
+    }
+    if set_cloexec(fd, true).is_err() {
+        return Err("FD_CLOEXEC cannot be set on it");
     }
     // SAFETY:
     // - `fd` is open (checked) and was left to this process by its

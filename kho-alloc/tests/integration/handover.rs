@@ -3,8 +3,10 @@
 
 use std::process::Command;
 
-use kho_alloc::{Arena, ArenaConfig, Error, GfpFlags, Heap, Obj};
-use kho_core::{Image, ImageBuilder, Node, Order, Pfn, PhysAddr, PhysRange, Tree, PAGE_SIZE};
+use kho_alloc::{Arena, ArenaConfig, Error, GfpFlags, Heap, Obj, Region};
+use kho_core::{
+    Image, ImageBuilder, Node, Order, Pfn, PhysAddr, PhysRange, PreservedMap, Tree, PAGE_SIZE,
+};
 
 use crate::common::{checksum, populate, OBJ};
 
@@ -194,13 +196,19 @@ fn round_trip_across_processes() {
     assert!(Arena::open_readonly(&path).unwrap().image_restored());
 }
 
-/// The same through a memfd inherited across exec.
+/// The same through a memfd inherited across exec: the child uses the
+/// descriptor it inherited, never a reopen of it.
 #[test]
 #[cfg(not(miri))]
 fn round_trip_through_inherited_memfd() {
     if std::env::var(ROLE).as_deref() == Ok("memfd-child") {
-        let fd = std::env::var(PATH).unwrap();
-        check_restored(Arena::open(format!("/proc/self/fd/{fd}")).unwrap(), None);
+        let arena = kho_alloc::session::inherited_arena()
+            .unwrap()
+            .expect("an inherited arena");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(arena.file().unwrap());
+        assert_eq!(kho_alloc::session::cloexec(fd), Some(true));
+        assert!(std::env::var_os(kho_alloc::session::ARENA_FD_ENV).is_none());
+        check_restored(arena, None);
         println!("child restored memfd {fd}");
         return;
     }
@@ -215,7 +223,7 @@ fn round_trip_through_inherited_memfd() {
             "--nocapture",
         ])
         .env(ROLE, "memfd-child")
-        .env(PATH, fd.to_string())
+        .env(kho_alloc::session::ARENA_FD_ENV, fd.to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -224,6 +232,102 @@ fn round_trip_through_inherited_memfd() {
         "child failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A session handover through a memfd inherited by a new program: the
+/// parent commits and passes [`Session::exec_env`]; the child takes the
+/// descriptor with `inherited_arena`, restores and verifies every entry.
+#[test]
+#[cfg(not(miri))]
+fn session_handover_through_an_inherited_memfd() {
+    use std::sync::{Arc, RwLock};
+
+    use kho_alloc::kv::demo::fill_value;
+    use kho_alloc::kv::{KvConfig, KvHandle, KvStore, KvSubsystem};
+    use kho_alloc::session::{self, Session, Start};
+
+    const N: u64 = 2000;
+    let kv_cfg = KvConfig {
+        capacity: N,
+        value_size: 32,
+    };
+    if std::env::var(ROLE).as_deref() == Ok("session-child") {
+        let arena = session::inherited_arena().unwrap().expect("inherited");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(arena.file().unwrap());
+        assert_eq!(session::cloexec(fd), Some(true), "FD_CLOEXEC set again");
+        let (mut s, start) = Session::start(arena).unwrap();
+        assert_eq!(start, Start::Handover { generation: 2 });
+        let kv: KvHandle = Arc::new(RwLock::new(None));
+        s.register(Box::new(KvSubsystem::new("kv", Arc::clone(&kv), kv_cfg)))
+            .unwrap();
+        s.restore().unwrap();
+        s.finish().unwrap();
+        let g = kv.read().unwrap();
+        let store = g.as_ref().unwrap();
+        let mut want = vec![0u8; 32];
+        let r = store
+            .verify(|k, v| {
+                fill_value(k, &mut want);
+                v == want.as_slice()
+            })
+            .unwrap();
+        assert!(r.consistent && r.good == N, "{r:?}");
+        println!("child verified {} digest {:#x}", r.good, r.digest);
+        return;
+    }
+    let heap = Heap::new(Arena::create_memfd("kho-session-test", &cfg()).unwrap()).unwrap();
+    let mut store = KvStore::new(&heap, kv_cfg).unwrap();
+    let mut v = vec![0u8; 32];
+    for k in 0..N {
+        fill_value(k, &mut v);
+        store.insert(k, &v).unwrap();
+    }
+    let digest = store.digest();
+    let kv: KvHandle = Arc::new(RwLock::new(Some(store)));
+    let mut s = Session::new(&heap);
+    s.register(Box::new(KvSubsystem::new("kv", Arc::clone(&kv), kv_cfg)))
+        .unwrap();
+    s.prepare().unwrap();
+    s.freeze_and_commit().unwrap();
+    let (var, fd) = s.exec_env().unwrap();
+    let fd_number: i32 = fd.parse().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "handover::session_handover_through_an_inherited_memfd",
+            "--nocapture",
+        ])
+        .env(ROLE, "session-child")
+        .env(var, fd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("child verified {N} digest {digest:#x}")),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The child recorded the restore through the shared memfd.
+    assert!(current_slot_restored(fd_number));
+    drop(s);
+}
+
+/// Whether the current superblock slot of the arena open at `fd` has the
+/// restored flag (layout: `superblock.rs`; flags at 0x5c, generation at
+/// 0x60). Read through a read-only descriptor of its own.
+fn current_slot_restored(fd: i32) -> bool {
+    let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).unwrap();
+    let mut sb = vec![0u8; 2 * PAGE_SIZE as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut sb, 0).unwrap();
+    let (p0, p1) = sb.split_at(PAGE_SIZE as usize);
+    let field = |p: &[u8]| {
+        (
+            u32::from_le_bytes(p[0x5c..0x60].try_into().unwrap()),
+            u64::from_le_bytes(p[0x60..0x68].try_into().unwrap()),
+        )
+    };
+    let ((f0, g0), (f1, g1)) = (field(p0), field(p1));
+    (if g0 > g1 { f0 } else { f1 }) & 1 == 1
 }
 
 /// After freeze every free slot and tail of every preserved slab page
@@ -427,7 +531,12 @@ fn restore_refuses_an_image_outside_preserved_memory() {
     let mut arena = Arena::anonymous(&cfg()).unwrap();
     let layout = *arena.layout();
     // A valid image that preserves nothing, written into general memory.
-    let bytes = ImageBuilder::new(layout.size()).build().unwrap();
+    let bytes = ImageBuilder::new(layout.size())
+        .generation(2)
+        .scratch(vec![layout.bytes_of(Region::Scratch)])
+        .kfence(vec![layout.bytes_of(Region::Kfence)])
+        .build()
+        .unwrap();
     let at = layout.general.start.addr().unwrap();
     arena.write(at, &bytes).unwrap();
     arena
@@ -441,4 +550,185 @@ fn restore_refuses_an_image_outside_preserved_memory() {
         Err(Error::Inconsistent { addr, .. }) => assert_eq!(addr, at.0),
         other => panic!("expected Inconsistent, got {:?}", other.map(|_| ())),
     }
+}
+
+/// The bytes of the image's folio past the image are zero, even when the
+/// folio held other data before.
+#[test]
+fn the_image_folio_tail_is_scrubbed() {
+    let heap = Heap::new(Arena::heap(&cfg()).unwrap()).unwrap();
+    // Dirty the general zone's first folios, then give them back.
+    let mut junk = Vec::new();
+    for _ in 0..8 {
+        let mut p = heap
+            .alloc_pages(Order::new(4).unwrap(), GfpFlags::NONE)
+            .unwrap();
+        heap.page_bytes_mut(&mut p).unwrap().fill(0xee);
+        junk.push(p);
+    }
+    for p in junk {
+        heap.free_pages(p).unwrap();
+    }
+    let frozen = heap.freeze(None).unwrap();
+    let loc = frozen.location();
+    heap.commit(frozen).unwrap();
+    let arena = heap.into_arena().unwrap();
+    let image = Image::parse(arena.image_bytes().unwrap()).unwrap();
+    let (head, order) = image
+        .is_preserved(PhysAddr(loc.offset).aligned_pfn().unwrap())
+        .unwrap();
+    let folio = arena
+        .bytes(PhysRange::new(head.addr().unwrap(), order.bytes()))
+        .unwrap();
+    assert!(order.bytes() > loc.len, "the folio has a tail");
+    let tail = &folio[loc.len as usize..];
+    assert!(
+        tail.iter().all(|&b| b == 0),
+        "stale bytes in the image folio's tail"
+    );
+}
+
+/// Dropping a frozen image frees its folio; a commit refused because
+/// another came first frees it too.
+#[test]
+fn frozen_images_never_leak() {
+    let heap = Heap::new(Arena::heap(&cfg()).unwrap()).unwrap();
+    let before = heap.stats().general.allocated_pages;
+    drop(heap.freeze(None).unwrap());
+    assert_eq!(heap.stats().general.allocated_pages, before);
+
+    let older = heap.freeze(None).unwrap();
+    let newer = heap.freeze(None).unwrap();
+    assert_eq!((older.generation(), newer.generation()), (2, 2));
+    assert_eq!(heap.commit(newer).unwrap(), 2);
+    let one = heap.stats().general.allocated_pages;
+    match heap.commit(older) {
+        Err(Error::Inconsistent {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (3, 2)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(heap.generation(), 2);
+    // The refused image's folio is gone; the published one stays.
+    assert!(heap.stats().general.allocated_pages < one);
+    let arena = heap.into_arena().unwrap();
+    assert_eq!(
+        Image::parse(arena.image_bytes().unwrap())
+            .unwrap()
+            .header()
+            .generation,
+        2
+    );
+}
+
+/// Write an image built by `edit` from a valid one into general memory,
+/// inside a folio its MEMMAP preserves, and publish it.
+fn commit_built(arena: &mut Arena, edit: impl FnOnce(ImageBuilder) -> ImageBuilder) {
+    let layout = *arena.layout();
+    let head = layout.general.start;
+    let order = Order::new(2).unwrap();
+    let mut map = PreservedMap::new(Pfn(layout.pages));
+    map.preserve(head, order).unwrap();
+    let builder = ImageBuilder::new(layout.size())
+        .generation(arena.generation() + 1)
+        .memmap(&map)
+        .scratch(vec![layout.bytes_of(Region::Scratch)])
+        .kfence(vec![layout.bytes_of(Region::Kfence)]);
+    let bytes = edit(builder).build().unwrap();
+    assert!(bytes.len() as u64 <= order.bytes());
+    let at = head.addr().unwrap();
+    arena.write(at, &bytes).unwrap();
+    arena
+        .commit_image(kho_alloc::ImageLocation {
+            offset: at.0,
+            len: bytes.len() as u64,
+            crc: crc32fast::hash(&bytes),
+        })
+        .unwrap();
+}
+
+/// A change to a valid image.
+type Edit = Box<dyn FnOnce(ImageBuilder) -> ImageBuilder>;
+
+#[test]
+fn restore_checks_generation_and_regions_against_the_arena() {
+    // The unedited image restores.
+    let mut arena = Arena::heap(&cfg()).unwrap();
+    commit_built(&mut arena, |b| b);
+    Heap::restore(arena).unwrap();
+
+    let layout = *Arena::heap(&cfg()).unwrap().layout();
+    let scratch = layout.bytes_of(Region::Scratch);
+    let kfence = layout.bytes_of(Region::Kfence);
+    let cases: [(&str, Edit); 5] = [
+        ("generation", Box::new(|b| b.generation(7))),
+        ("no scratch", Box::new(|b| b.scratch(Vec::new()))),
+        (
+            "moved scratch",
+            Box::new(move |b| {
+                b.scratch(vec![PhysRange::new(
+                    PhysAddr(scratch.start + PAGE_SIZE),
+                    scratch.len - PAGE_SIZE,
+                )])
+            }),
+        ),
+        (
+            "kfence beyond its region",
+            Box::new(move |b| {
+                b.kfence(vec![PhysRange::new(
+                    PhysAddr(kfence.start),
+                    kfence.len + PAGE_SIZE,
+                )])
+            }),
+        ),
+        (
+            "kfence in general memory",
+            Box::new(move |b| {
+                let general = layout.bytes_of(Region::General);
+                let last = PhysAddr(general.start + general.len - PAGE_SIZE);
+                b.kfence(vec![PhysRange::new(last, PAGE_SIZE)])
+            }),
+        ),
+    ];
+    for (what, edit) in cases {
+        let mut arena = Arena::heap(&cfg()).unwrap();
+        commit_built(&mut arena, edit);
+        match Heap::restore(arena) {
+            Err(Error::Inconsistent {
+                what: w,
+                expected: 2,
+                found: 7,
+                ..
+            }) if what == "generation" => {
+                assert!(w.contains("generation"), "{w}");
+            }
+            Err(Error::GeometryMismatch { what: w, .. }) if what != "generation" => {
+                assert!(
+                    w.contains(if what.contains("kfence") {
+                        "KFENCE"
+                    } else {
+                        "SCRATCH"
+                    }),
+                    "{what}: {w}"
+                );
+            }
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+/// A refused restore writes nothing: the arena file is byte for byte what
+/// it was, and a reopen restores once the cause is gone.
+#[test]
+#[cfg_attr(miri, ignore = "files and mmap")]
+fn a_refused_restore_leaves_the_file_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("arena");
+    {
+        let mut arena = Arena::create_file(&path, &cfg()).unwrap();
+        commit_built(&mut arena, |b| b.generation(9));
+    }
+    let before = std::fs::read(&path).unwrap();
+    assert!(Heap::restore(Arena::open(&path).unwrap()).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }

@@ -2,6 +2,7 @@
 
 mod commands;
 mod common;
+mod demo;
 mod diff;
 mod fixtures;
 mod golden;
