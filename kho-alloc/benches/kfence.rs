@@ -69,7 +69,8 @@ fn hooked_alloc_free(sampler: &Sampler) {
     };
     black_box(p);
     if sampler.owns(p) {
-        let _ = sampler.free(p);
+        // SAFETY: `p` is a live pool object from this call, never used again.
+        let _ = unsafe { sampler.free(p) };
     } else if !p.is_null() {
         // SAFETY: `p` came from System.alloc with this layout and is freed
         // once.
@@ -217,7 +218,8 @@ fn sampled(c: &mut Criterion) {
     g.bench_function("alloc_free", |b| {
         b.iter(|| {
             let obj = p.alloc(SIZE, 8, CACHE).expect("slot");
-            let _ = p.free(black_box(obj).as_ptr());
+            // SAFETY: `obj` is a live object of `p`, never used again.
+            let _ = unsafe { p.free(black_box(obj).as_ptr()) };
         })
     });
     g.finish();

@@ -53,6 +53,8 @@ struct Previous {
 /// another replaces it. The pool's metadata is leaked from this point on.
 pub fn install(pool: &Pool, mode: FaultMode) -> Result<()> {
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    // What reports describe code addresses with, built in normal context.
+    crate::kfence::sys::preload();
     MODE.store(
         match mode {
             FaultMode::Reraise => 0,
