@@ -355,6 +355,9 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Samplers currently enabled over this pool.
     pub(crate) feeders: AtomicUsize,
+    /// Whether the fault handler was ever given this pool, so that dropping
+    /// it must wait for handlers that may still be reading it.
+    pub(crate) registered: AtomicBool,
     pending: Box<[PendingFault]>,
     epoch: Instant,
 }
@@ -577,7 +580,8 @@ pub struct Pool {
     inner: Mutex<Inner>,
     sink: RwLock<Arc<dyn ReportSink>>,
     symbolize: bool,
-    memory: Box<dyn PoolMemory>,
+    /// `None` only once dropped with a fault handler stuck on the pool.
+    memory: Option<Box<dyn PoolMemory>>,
 }
 
 impl fmt::Debug for Pool {
@@ -665,6 +669,7 @@ impl Pool {
                 .collect(),
             counters: Counters::default(),
             feeders: AtomicUsize::new(0),
+            registered: AtomicBool::new(false),
             pending: (0..PENDING_FAULTS)
                 .map(|_| PendingFault {
                     state: AtomicU8::new(EMPTY),
@@ -683,7 +688,7 @@ impl Pool {
             }),
             sink: RwLock::new(Arc::new(StderrSink)),
             symbolize: config.symbolize_stacks,
-            memory,
+            memory: Some(memory),
         })
     }
 
@@ -854,7 +859,11 @@ impl Pool {
         // preserved or reclassified since construction is never handed out
         // (the slot is retired); one that cannot be checked now is not
         // handed out this time.
-        match self.memory.try_classify(2 * index + 1) {
+        let class = self
+            .memory
+            .as_ref()
+            .and_then(|m| m.try_classify(2 * index + 1));
+        match class {
             Some(class) if class.is_poolable() => {}
             Some(_) => {
                 c.skip_excluded.fetch_add(1, Ordering::Relaxed);
@@ -1181,10 +1190,19 @@ struct Reserved {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        crate::fault::deregister(&self.shared);
+        if !crate::fault::deregister(&self.shared) {
+            // A fault handler still runs on this pool (stuck, say, writing
+            // its report to a full pipe): keep the metadata and the memory
+            // for the rest of the process rather than let it change the
+            // protection of whatever is mapped here next.
+            std::mem::forget(Arc::clone(&self.shared));
+            std::mem::forget(self.memory.take());
+            return;
+        }
         // Hand the memory back accessible, as it was given.
         // SAFETY: the range is the pool's memory; the pool is being dropped,
-        // so no object of it may be used any more.
+        // so no object of it may be used any more, and no fault handler uses
+        // it (deregistered above).
         let _ = unsafe { sys::protect(self.shared.base, self.shared.len, true) };
     }
 }
