@@ -901,13 +901,30 @@ impl Heap {
         Ok(obj)
     }
 
-    /// Try the KFENCE sampler; `None` when it has no sampler, the gate is
-    /// closed, or the request is not eligible (`PRESERVE`, or `NOWAIT`:
-    /// a sampled allocation captures a stack, which may block). The object
-    /// gets its size class's alignment, as an unsampled one would.
+    /// Ask the KFENCE sampler's gate; `None` when there is no sampler or
+    /// the gate does not let the request through (the fast path: a
+    /// countdown step in count mode), otherwise see `alloc_passed`.
     #[inline(never)]
     fn alloc_sampled(&self, size: usize, flags: GfpFlags) -> Option<Obj> {
         let k = self.shared.kfence.get()?;
+        let pass = k.pass()?;
+        self.alloc_passed(k, pass, size, flags)
+    }
+
+    /// A request the KFENCE sampler's gate let through: `None` when the
+    /// request is not eligible (`PRESERVE`, or `NOWAIT`: a sampled
+    /// allocation captures a stack, which may block) or the pool cannot
+    /// serve it. The object gets its size class's alignment, as an
+    /// unsampled one would.
+    #[cold]
+    #[inline(never)]
+    fn alloc_passed(
+        &self,
+        k: &Sampler,
+        pass: kfence::Pass,
+        size: usize,
+        flags: GfpFlags,
+    ) -> Option<Obj> {
         let preserve = flags.contains(GfpFlags::PRESERVE);
         let nowait = flags.contains(GfpFlags::NOWAIT);
         let align = match self
@@ -919,7 +936,7 @@ impl Heap {
             Some(cache) if size <= MAX_OBJECT_SIZE as usize => cache.align as usize,
             _ => 8,
         };
-        let addr = k.alloc_phys(size.max(1), align, preserve, nowait)?;
+        let addr = k.alloc_phys(pass, size.max(1), align, preserve, nowait)?;
         Some(Obj {
             addr: addr.raw(),
             heap: self.shared.id,

@@ -82,6 +82,7 @@ pub use report::{Access, ObjectInfo, Report, ReportKind, ReportSink, Side, Stder
 pub use sampler::{may_sample, SampleMode, Sampler, DEFAULT_INTERVAL};
 
 pub(crate) use pool::Shared;
+pub(crate) use sampler::Pass;
 
 /// The separator line printed around each report.
 pub(crate) const fn report_separator() -> &'static str {

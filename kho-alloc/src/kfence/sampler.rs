@@ -96,6 +96,23 @@ fn count_active(old: u64, new: u64) {
     }
 }
 
+/// A request the gate let through to the slow path (see [`Sampler::pass`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pass {
+    /// The time gate was open (this word).
+    Open(u64),
+    /// The count gate's countdown reached its end, or belongs to another
+    /// word than this one (`mine` false) and must be drawn afresh.
+    Counted {
+        /// The gate word.
+        word: u64,
+        /// Whether this thread's countdown belongs to `word`.
+        mine: bool,
+        /// The countdown's value.
+        left: u32,
+    },
+}
+
 thread_local! {
     /// The count-gate word this thread's countdown belongs to, and the
     /// requests left before its next sample. Another word (another
@@ -347,42 +364,56 @@ impl Sampler {
         cache: CacheTag,
         preservable: bool,
     ) -> Option<NonNull<u8>> {
-        self.alloc_with(size, align, || cache, preservable, false)
+        let pass = self.pass()?;
+        self.alloc_passed(pass, size, (align, cache), preservable, false)
     }
 
+    /// The gate's fast decision for one request: `None`, it is not sampled
+    /// (one relaxed load while no gate in the process is open; otherwise
+    /// one more, or a thread-local countdown step), or the pass to take to
+    /// [`Sampler::alloc_passed`]. Split so that callers keep the slow path,
+    /// and the work of describing the request, out of line.
     #[inline(always)]
-    fn alloc_with(
-        &self,
-        size: usize,
-        align: usize,
-        cache: impl FnOnce() -> CacheTag,
-        preservable: bool,
-        nowait: bool,
-    ) -> Option<NonNull<u8>> {
+    pub(crate) fn pass(&self) -> Option<Pass> {
         if !may_sample() {
             return None;
         }
         let word = self.gate.load(Ordering::Relaxed);
         match state_of(word) {
-            OPEN => self.alloc_gated(word, size, align, cache(), preservable, nowait),
+            OPEN => Some(Pass::Open(word)),
             COUNT => {
                 let (owner, left) = COUNTDOWN.with(Cell::get);
                 if owner == word && left > 1 {
                     COUNTDOWN.with(|c| c.set((word, left - 1)));
                     return None;
                 }
-                self.alloc_counted(
+                Some(Pass::Counted {
                     word,
-                    owner == word,
+                    mine: owner == word,
                     left,
-                    size,
-                    align,
-                    cache(),
-                    preservable,
-                    nowait,
-                )
+                })
             }
             _ => None,
+        }
+    }
+
+    /// The slow path of a request the gate let through: eligibility, the
+    /// gate's bookkeeping, and the pool.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn alloc_passed(
+        &self,
+        pass: Pass,
+        size: usize,
+        req: (usize, CacheTag),
+        preservable: bool,
+        nowait: bool,
+    ) -> Option<NonNull<u8>> {
+        match pass {
+            Pass::Open(word) => self.alloc_gated(word, size, req, preservable, nowait),
+            Pass::Counted { word, mine, left } => {
+                self.alloc_counted(word, mine, left, size, req, preservable, nowait)
+            }
         }
     }
 
@@ -408,8 +439,7 @@ impl Sampler {
         &self,
         word: u64,
         size: usize,
-        align: usize,
-        cache: CacheTag,
+        (align, cache): (usize, CacheTag),
         preservable: bool,
         nowait: bool,
     ) -> Option<NonNull<u8>> {
@@ -437,8 +467,7 @@ impl Sampler {
         mine: bool,
         left: u32,
         size: usize,
-        align: usize,
-        cache: CacheTag,
+        (align, cache): (usize, CacheTag),
         preservable: bool,
         nowait: bool,
     ) -> Option<NonNull<u8>> {
@@ -467,25 +496,20 @@ impl Sampler {
         (ptr as usize).wrapping_sub(self.pool_base) < self.pool_len
     }
 
-    /// [`Sampler::alloc`] for allocators that address memory by arena
-    /// offset, tagging the object with its general size class (computed only
-    /// for sampled requests): the sampled object's arena offset. `nowait`
-    /// requests (which must never block) are not sampled.
-    #[inline]
+    /// [`Sampler::alloc_passed`] for allocators that address memory by
+    /// arena offset, tagging the object with its general size class: the
+    /// sampled object's arena offset. `nowait` requests (which must never
+    /// block) are not sampled.
     pub(crate) fn alloc_phys(
         &self,
+        pass: Pass,
         size: usize,
         align: usize,
         preservable: bool,
         nowait: bool,
     ) -> Option<PhysAddr> {
-        let p = self.alloc_with(
-            size,
-            align,
-            || CacheTag::size_class(size),
-            preservable,
-            nowait,
-        )?;
+        let req = (align, CacheTag::size_class(size));
+        let p = self.alloc_passed(pass, size, req, preservable, nowait)?;
         self.pool.phys_addr(p.as_ptr())
     }
 
