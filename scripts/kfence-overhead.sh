@@ -35,8 +35,9 @@ cat <<EOF
 
 armed:    the time gate between samples (any interval): one relaxed load of
           the process-wide active-gate count, as with no sampler.
-count:    a count gate that practically never fires: every allocation takes
-          the hook's slow path and decrements the thread-local countdown.
+count:    a count gate that practically never fires: every allocation calls
+          the hook's out-of-line gate check, which steps the thread-local
+          countdown.
 interval: the default 100 ms gate. Its timer runs on wall time and valgrind
           runs the program ~50x slower, so it samples far more often per
           pair than natively; its excess over "armed" is those samples'

@@ -1,15 +1,26 @@
 //! KFENCE sampler costs.
 //!
 //! - `heap/interleaved_interval_100ms`: `Heap::alloc(64)` + `Heap::free`
-//!   (slab size class through the thread-local magazine) on a heap with the
-//!   default 100 ms time gate, measured in blocks of 10,000 pairs that
-//!   alternate (ABBA) with the same work on a heap without KFENCE, inside
-//!   every criterion sample: drift of a shared machine hits both alike.
-//!   Criterion reports the sampled heap's time; the ratio to the plain heap
-//!   (per sample and overall) is printed after the group, with the number
-//!   of allocations the gate sampled meanwhile. Short blocks matter: while
-//!   a gate is open every heap in the process takes the hook's slower path,
-//!   so the plain heap runs a block at most with the gate open.
+//!   (slab size class through the thread-local magazine) on a heap
+//!   sampling at the default 100 ms interval, measured in blocks of 10,000
+//!   pairs that alternate (ABBA) with the same work on a heap whose sampler
+//!   is off, inside every criterion sample: drift of a shared machine hits
+//!   both alike. Each heap runs on a thread of its own (taking turns, never
+//!   at once, both pinned to one CPU), where it is the only heap in the
+//!   thread's magazine list. Both heaps have a pool attached, so their memory layouts
+//!   match (a heap with no pool at all runs the same instructions, as
+//!   `scripts/kfence-overhead.sh` counts, yet differs in time by placement
+//!   alone, by a few percent either way on a small machine).
+//! - `heap/interleaved_control_off`: the same between two heaps that are
+//!   both off: the heap-to-heap bias of this run, to read the first
+//!   against.
+//!
+//!   Criterion reports the second heap's time; printed after each are the
+//!   median of the ratios of adjacent blocks (robust to a block hit by
+//!   preemption) with its 95% interval, the total time ratio, and the
+//!   allocations sampled meanwhile. Short blocks matter: while a gate is
+//!   open every heap in the process takes the hook's out-of-line check, so
+//!   the other heap runs at most one block with the gate open.
 //! - `sampled/pool_alloc_free`: one guarded allocation and its free straight
 //!   from the pool (page protection, canaries, stack capture), in µs.
 //! - `sampled/heap_alloc_free`: the same through `Heap::alloc`/`free` with
@@ -24,7 +35,7 @@
 
 use std::cell::RefCell;
 use std::hint::black_box;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -80,68 +91,140 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted.get(i).copied().unwrap_or(f64::NAN)
 }
 
-fn heap(c: &mut Criterion) {
-    let plain = new_heap();
-    let timed = new_heap();
-    timed
-        .enable_kfence(
-            SampleMode::Interval(DEFAULT_INTERVAL),
-            PoolConfig::default(),
-        )
+/// A heap with a sampler attached in `mode`.
+fn heap_with(mode: SampleMode) -> Heap {
+    let heap = new_heap();
+    heap.enable_kfence(mode, PoolConfig::default())
         .expect("kfence");
-    let samples: RefCell<Vec<(Duration, Duration)>> = RefCell::new(Vec::new());
-    let before = sampled_count(&timed);
+    heap
+}
+
+/// A thread that runs blocks of alloc+free pairs on one heap when asked
+/// and answers with their time. Each heap gets its own thread so that it is
+/// the only heap in that thread's magazine list: a thread finds its
+/// magazines for a heap by a linear search, so a heap it met second would
+/// pay a few instructions more per pair than the first.
+struct Worker {
+    ask: mpsc::Sender<u64>,
+    done: mpsc::Receiver<Duration>,
+}
+
+impl Worker {
+    /// A worker on CPU `cpu` (both workers of a comparison share one, so
+    /// that neither gets the quieter core or the warmer caches).
+    fn new(heap: Arc<Heap>, cpu: usize) -> Worker {
+        let (ask, asked) = mpsc::channel::<u64>();
+        let (tell, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            pin(cpu);
+            for n in asked {
+                if tell.send(run(&heap, n)).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker { ask, done }
+    }
+
+    fn block(&self, n: u64) -> Duration {
+        self.ask.send(n).expect("worker");
+        self.done.recv().expect("worker")
+    }
+}
+
+/// Pins the calling thread to `cpu`; a failure leaves it unpinned.
+fn pin(cpu: usize) {
+    let set = std::mem::MaybeUninit::<libc::cpu_set_t>::zeroed();
+    // SAFETY: all-zero is an empty cpu_set_t.
+    let mut set = unsafe { set.assume_init() };
+    // SAFETY: `set` is a valid cpu_set_t; CPU_SET ignores a CPU past its end.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+}
+
+/// The CPU the calling thread runs on.
+fn current_cpu() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
+}
+
+/// Benchmarks `b` interleaved with `a` (see the module documentation) and
+/// prints the ratio of `b` to `a`; returns its median.
+fn interleaved(c: &mut Criterion, name: &str, a: &Arc<Heap>, b: &Arc<Heap>) -> f64 {
+    let cpu = current_cpu();
+    let (wa, wb) = (
+        Worker::new(Arc::clone(a), cpu),
+        Worker::new(Arc::clone(b), cpu),
+    );
+    // Per adjacent pair of blocks (run within a millisecond of each other):
+    // b's time over a's; and the totals.
+    let blocks: RefCell<Vec<f64>> = RefCell::new(Vec::new());
+    let totals = RefCell::new((Duration::ZERO, Duration::ZERO));
+    let before = sampled_count(b);
     let started = Instant::now();
     let mut g = c.benchmark_group("heap");
     g.measurement_time(Duration::from_secs(10));
-    g.bench_function("interleaved_interval_100ms", |b| {
-        b.iter_custom(|iters| {
-            let (mut base, mut with) = (Duration::ZERO, Duration::ZERO);
+    g.bench_function(name, |bench| {
+        bench.iter_custom(|iters| {
+            let mut b_total = Duration::ZERO;
             let mut left = iters;
             let mut k = 0u64;
             while left > 0 {
                 let n = left.min(BLOCK);
                 // ABBA: each heap goes first as often as second.
-                if k % 4 == 0 || k % 4 == 3 {
-                    base += run(&plain, n);
-                    with += run(&timed, n);
+                let (ta, tb) = if k % 4 == 0 || k % 4 == 3 {
+                    let ta = wa.block(n);
+                    (ta, wb.block(n))
                 } else {
-                    with += run(&timed, n);
-                    base += run(&plain, n);
-                }
+                    let tb = wb.block(n);
+                    (wa.block(n), tb)
+                };
+                blocks
+                    .borrow_mut()
+                    .push(tb.as_secs_f64() / ta.as_secs_f64());
+                let mut t = totals.borrow_mut();
+                t.0 += ta;
+                t.1 += tb;
+                b_total += tb;
                 left -= n;
                 k += 1;
             }
-            samples.borrow_mut().push((base, with));
-            with
+            b_total
         })
     });
     g.finish();
-    let samples = samples.into_inner();
-    let mut ratios: Vec<f64> = samples
-        .iter()
-        .map(|(b, w)| w.as_secs_f64() / b.as_secs_f64())
-        .collect();
+    let mut ratios = blocks.into_inner();
     ratios.sort_by(f64::total_cmp);
-    let (base, with) = samples.iter().fold((0.0, 0.0), |(b, w), (sb, sw)| {
-        (b + sb.as_secs_f64(), w + sw.as_secs_f64())
-    });
-    let overall = with / base;
+    let (ta, tb) = totals.into_inner();
+    let median = quantile(&ratios, 0.5);
+    let iqr = quantile(&ratios, 0.75) - quantile(&ratios, 0.25);
+    // The median's 95% interval by the notch rule: +-1.58 IQR / sqrt(n).
+    let half = 1.58 * iqr / (ratios.len() as f64).sqrt();
     eprintln!(
-        "heap/interleaved_interval_100ms: sampled heap / plain heap = {overall:.4} overall, \
-         median {:.4} (quartiles {:.4}..{:.4}) over {} samples; {} allocations sampled in \
-         {:.1} s; target <= {TARGET}: {}",
-        quantile(&ratios, 0.5),
-        quantile(&ratios, 0.25),
-        quantile(&ratios, 0.75),
+        "heap/{name}: median of {} adjacent {BLOCK}-pair block ratios = {median:.4} \
+         (95% interval {:.4}..{:.4}); total time ratio {:.4}; {} allocations sampled in \
+         {:.1} s",
         ratios.len(),
-        sampled_count(&timed) - before,
+        median - half,
+        median + half,
+        tb.as_secs_f64() / ta.as_secs_f64(),
+        sampled_count(b) - before,
         started.elapsed().as_secs_f64(),
-        if quantile(&ratios, 0.5) <= TARGET {
-            "met"
-        } else {
-            "NOT met"
-        },
+    );
+    median
+}
+
+fn heap(c: &mut Criterion) {
+    let off = Arc::new(heap_with(SampleMode::Off));
+    let on = Arc::new(heap_with(SampleMode::Interval(DEFAULT_INTERVAL)));
+    let off2 = Arc::new(heap_with(SampleMode::Off));
+    let ratio = interleaved(c, "interleaved_interval_100ms", &off, &on);
+    let control = interleaved(c, "interleaved_control_off", &off, &off2);
+    eprintln!(
+        "heap: sampling at {DEFAULT_INTERVAL:?} over sampling off = {ratio:.4} \
+         (target <= {TARGET}: {}); two heaps both off, same run: {control:.4}",
+        if ratio <= TARGET { "met" } else { "NOT met" },
     );
 }
 
