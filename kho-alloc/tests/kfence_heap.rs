@@ -15,6 +15,19 @@ use kho_core::{Image, PhysRange};
 
 const CHILD: &str = "KHO_KFENCE_HEAP_CHILD";
 
+/// Returns from the test when the host cannot hold a KFENCE pool (it needs
+/// 4 KiB pages).
+macro_rules! require_pool_pages {
+    () => {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let host = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if host != kho_core::PAGE_SIZE as libc::c_long {
+            eprintln!("skipped: host pages are {host} bytes, the pool needs 4096");
+            return;
+        }
+    };
+}
+
 fn heap() -> Heap {
     let config = ArenaConfig::with_size(64 << 20);
     Heap::new(Arena::anonymous(&config).expect("arena")).expect("heap")
@@ -64,6 +77,7 @@ fn rw(write: bool) -> &'static str {
 /// preserved memory, or serve a `PRESERVE` request from the pool.
 #[test]
 fn heap_sampling_respects_exclusion() {
+    require_pool_pages!();
     let heap = heap();
     let sampler = heap
         .enable_kfence(SampleMode::Count(1), PoolConfig::default())
@@ -126,6 +140,7 @@ fn heap_sampling_respects_exclusion() {
 /// pool's ranges into the image's KFENCE section.
 #[test]
 fn freeze_disables_sampling_and_records_the_pool() {
+    require_pool_pages!();
     let heap = heap();
     let ranges = {
         let sampler = heap
@@ -160,6 +175,7 @@ fn freeze_disables_sampling_and_records_the_pool() {
 /// typed error naming the object.
 #[test]
 fn heap_free_reports_corruption() {
+    require_pool_pages!();
     let heap = heap();
     let sampler = heap
         .enable_kfence(SampleMode::Count(1), PoolConfig::default())
@@ -205,6 +221,7 @@ fn heap_free_reports_corruption() {
 /// fault handler; the process dies of SIGSEGV.
 #[test]
 fn heap_use_after_free_faults() {
+    require_pool_pages!();
     let name = "heap_use_after_free_faults";
     if is_child(name) {
         let heap = heap();
@@ -302,6 +319,7 @@ fn check_heap_oob(name: &str, write: bool) {
 
 #[test]
 fn heap_out_of_bounds_read_left_faults() {
+    require_pool_pages!();
     let name = "heap_out_of_bounds_read_left_faults";
     if is_child(name) {
         heap_oob_child(false);
@@ -312,6 +330,7 @@ fn heap_out_of_bounds_read_left_faults() {
 
 #[test]
 fn heap_out_of_bounds_write_right_faults() {
+    require_pool_pages!();
     let name = "heap_out_of_bounds_write_right_faults";
     if is_child(name) {
         heap_oob_child(true);
@@ -325,6 +344,7 @@ fn heap_out_of_bounds_write_right_faults() {
 /// next eligible request is sampled.
 #[test]
 fn nowait_requests_are_never_sampled() {
+    require_pool_pages!();
     let (heap, _) = sampling_heap();
     let before = sampler(&heap).stats();
     for _ in 0..100 {
@@ -347,6 +367,7 @@ fn nowait_requests_are_never_sampled() {
 /// work as they do for unsampled objects.
 #[test]
 fn sampled_objects_are_aligned_as_their_class() {
+    require_pool_pages!();
     let (heap, _) = sampling_heap();
     for (size, align) in [(64usize, 64u64), (4096, 64), (96, 8), (16, 16), (24, 8)] {
         for _ in 0..8 {
@@ -365,6 +386,7 @@ fn sampled_objects_are_aligned_as_their_class() {
 /// disables the sampler) and dropping the heap still return.
 #[test]
 fn freeze_and_drop_in_a_forked_child_return() {
+    require_pool_pages!();
     let heap = heap();
     heap.enable_kfence(
         SampleMode::Interval(Duration::from_secs(3600)),
