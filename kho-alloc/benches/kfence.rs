@@ -1,23 +1,41 @@
 //! KFENCE sampler costs.
 //!
-//! - `hook/*`: alloc+free of 64 bytes through a stand-in general allocator
-//!   (the system allocator) with the sampling hook in front of it: no hook
-//!   (baseline), hook with sampling off, hook with the default 100 ms time
-//!   gate, and hook with a count gate that practically never fires (the
-//!   thread-local decrement alone). Overhead is each one's time over the
-//!   baseline's, from the same run.
-//! - `heap/*`: the real target: `Heap::alloc(64)` + `Heap::free` (slab size
-//!   class through the thread-local magazine) on a heap without KFENCE
-//!   (baseline), with the sampler enabled but off, and with the default
-//!   100 ms time gate; plus a paired alternating-blocks ratio.
-//! - `sampled/alloc_free`: one guarded allocation and its free (page
-//!   protection, canaries, stack capture), in µs.
+//! - `heap/interleaved_interval_100ms`: `Heap::alloc(64)` + `Heap::free`
+//!   (slab size class through the thread-local magazine) on a heap
+//!   sampling at the default 100 ms interval, measured in blocks of 10,000
+//!   pairs that alternate (ABBA) with the same work on a heap whose sampler
+//!   is off, inside every criterion sample: drift of a shared machine hits
+//!   both alike. Each heap runs on a thread of its own (taking turns, never
+//!   at once, both pinned to one CPU), where it is the only heap in the
+//!   thread's magazine list. Both heaps have a pool attached, so their memory layouts
+//!   match (a heap with no pool at all runs the same instructions, as
+//!   `scripts/kfence-overhead.sh` counts, yet differs in time by placement
+//!   alone, by a few percent either way on a small machine).
+//! - `heap/interleaved_control_off`: the same between two heaps that are
+//!   both off: the heap-to-heap bias of this run, to read the first
+//!   against.
+//!
+//!   Criterion reports the second heap's time; printed after each are the
+//!   median of the ratios of adjacent blocks (robust to a block hit by
+//!   preemption) with its 95% interval, the total time ratio, and the
+//!   allocations sampled meanwhile. Short blocks matter: while a gate is
+//!   open every heap in the process takes the hook's out-of-line check, so
+//!   the other heap runs at most one block with the gate open.
+//! - `sampled/pool_alloc_free`: one guarded allocation and its free straight
+//!   from the pool (page protection, canaries, stack capture), in µs.
+//! - `sampled/heap_alloc_free`: the same through `Heap::alloc`/`free` with
+//!   every request sampled: what one sample costs the heap.
 //! - `disable/no_traffic`: `Sampler::disable` while the timer sleeps and no
 //!   allocation ever arrives.
+//!
+//! After `sampled`, the cost of sampling at the default interval is
+//! estimated from the same run: 10 samples per second times the cost of one
+//! sampled pair, as a share of one core. Deterministic instruction counts
+//! of the unsampled path are `scripts/kfence-overhead.sh`'s job.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::RefCell;
 use std::hint::black_box;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -28,6 +46,10 @@ use kho_alloc::{Arena, ArenaConfig, GfpFlags, Heap};
 
 const SIZE: usize = 64;
 const CACHE: CacheTag = CacheTag::named("size-64");
+/// Pairs per interleaved block.
+const BLOCK: u64 = 10_000;
+/// The issue's target: unsampled overhead at the default interval.
+const TARGET: f64 = 1.01;
 
 fn pool(objects: usize) -> Arc<Pool> {
     let memory = AnonMemory::new(PoolConfig::pages_for(objects)).expect("memory");
@@ -41,111 +63,6 @@ fn pool(objects: usize) -> Arc<Pool> {
     Arc::new(pool)
 }
 
-fn layout() -> Layout {
-    Layout::from_size_align(SIZE, 8).expect("layout")
-}
-
-#[inline(always)]
-fn plain_alloc_free() {
-    // SAFETY: the layout has a non-zero size; the block is freed with the
-    // same layout right after.
-    let p = unsafe { System.alloc(layout()) };
-    black_box(p);
-    if !p.is_null() {
-        // SAFETY: `p` came from System.alloc with this layout and is freed
-        // once.
-        unsafe { System.dealloc(p, layout()) };
-    }
-}
-
-/// Alloc+free through the hook as the general allocator would wire it: ask
-/// the sampler first, and route the free by address.
-#[inline(always)]
-fn hooked_alloc_free(sampler: &Sampler) {
-    let p = match sampler.alloc(SIZE, 8, CACHE, false) {
-        Some(p) => p.as_ptr(),
-        // SAFETY: the layout has a non-zero size.
-        None => unsafe { System.alloc(layout()) },
-    };
-    black_box(p);
-    if sampler.owns(p) {
-        let _ = sampler.free(p);
-    } else if !p.is_null() {
-        // SAFETY: `p` came from System.alloc with this layout and is freed
-        // once.
-        unsafe { System.dealloc(p, layout()) };
-    }
-}
-
-/// Alternating blocks of baseline and hooked alloc+free, long enough for the
-/// time gate to fire in most blocks: total hooked time over total baseline
-/// time, robust to drift that separate criterion runs suffer from on a
-/// shared machine.
-fn paired_ratio(name: &str, sampler: &Sampler) {
-    const OPS: u32 = 5_000_000;
-    const ROUNDS: u32 = 12;
-    let mut base = Duration::ZERO;
-    let mut hooked = Duration::ZERO;
-    let before = sampler.stats().total_allocs;
-    for round in 0..ROUNDS {
-        let run_base = |total: &mut Duration| {
-            let t = Instant::now();
-            for _ in 0..OPS {
-                plain_alloc_free();
-            }
-            *total += t.elapsed();
-        };
-        let run_hooked = |total: &mut Duration| {
-            let t = Instant::now();
-            for _ in 0..OPS {
-                hooked_alloc_free(sampler);
-            }
-            *total += t.elapsed();
-        };
-        if round % 2 == 0 {
-            run_base(&mut base);
-            run_hooked(&mut hooked);
-        } else {
-            run_hooked(&mut hooked);
-            run_base(&mut base);
-        }
-    }
-    let n = f64::from(OPS * ROUNDS);
-    eprintln!(
-        "paired/{name}: baseline {:.2} ns/op, hooked {:.2} ns/op, ratio {:.4} ({} sampled)",
-        base.as_nanos() as f64 / n,
-        hooked.as_nanos() as f64 / n,
-        hooked.as_secs_f64() / base.as_secs_f64(),
-        sampler.stats().total_allocs - before,
-    );
-}
-
-fn hook(c: &mut Criterion) {
-    {
-        let off = Sampler::new(pool(255), SampleMode::Off).expect("sampler");
-        paired_ratio("sampling_off", &off);
-        let timed =
-            Sampler::new(pool(255), SampleMode::Interval(DEFAULT_INTERVAL)).expect("sampler");
-        paired_ratio("interval_100ms", &timed);
-    }
-    let mut g = c.benchmark_group("hook");
-    g.measurement_time(Duration::from_secs(5));
-    g.bench_function("baseline", |b| b.iter(plain_alloc_free));
-    let off = Sampler::new(pool(255), SampleMode::Off).expect("sampler");
-    g.bench_function("sampling_off", |b| b.iter(|| hooked_alloc_free(&off)));
-    drop(off);
-    let timed = Sampler::new(pool(255), SampleMode::Interval(DEFAULT_INTERVAL)).expect("sampler");
-    g.bench_function("interval_100ms", |b| b.iter(|| hooked_alloc_free(&timed)));
-    let sampled = timed.stats().total_allocs;
-    drop(timed);
-    eprintln!("hook/interval_100ms: {sampled} sampled allocations during the run");
-    let counted = Sampler::new(pool(255), SampleMode::Count(u32::MAX / 2)).expect("sampler");
-    g.bench_function("count_gate_fast_path", |b| {
-        b.iter(|| hooked_alloc_free(&counted))
-    });
-    g.finish();
-}
-
 fn new_heap() -> Heap {
     let config = ArenaConfig::with_size(256 << 20);
     Heap::new(Arena::anonymous(&config).expect("arena")).expect("heap")
@@ -157,70 +74,196 @@ fn heap_alloc_free(heap: &Heap) {
     let _ = heap.free(black_box(obj));
 }
 
-/// Alternating blocks on two heaps, one without KFENCE and one with the
-/// default time gate: total time ratio.
-fn heap_paired_ratio(plain: &Heap, sampled: &Heap) {
-    const OPS: u32 = 2_000_000;
-    const ROUNDS: u32 = 12;
-    let run = |h: &Heap, total: &mut Duration| {
-        let t = Instant::now();
-        for _ in 0..OPS {
-            heap_alloc_free(h);
-        }
-        *total += t.elapsed();
-    };
-    let (mut base, mut with) = (Duration::ZERO, Duration::ZERO);
-    let before = sampled.kfence().map_or(0, |k| k.stats().total_allocs);
-    for round in 0..ROUNDS {
-        if round % 2 == 0 {
-            run(plain, &mut base);
-            run(sampled, &mut with);
-        } else {
-            run(sampled, &mut with);
-            run(plain, &mut base);
-        }
+fn run(heap: &Heap, n: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..n {
+        heap_alloc_free(heap);
     }
-    let n = f64::from(OPS * ROUNDS);
-    eprintln!(
-        "paired/heap_interval_100ms: baseline {:.2} ns/op, sampled heap {:.2} ns/op, ratio {:.4} ({} sampled)",
-        base.as_nanos() as f64 / n,
-        with.as_nanos() as f64 / n,
-        with.as_secs_f64() / base.as_secs_f64(),
-        sampled.kfence().map_or(0, |k| k.stats().total_allocs) - before,
+    t.elapsed()
+}
+
+fn sampled_count(heap: &Heap) -> u64 {
+    heap.kfence().map_or(0, |k| k.stats().total_allocs)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// A heap with a sampler attached in `mode`.
+fn heap_with(mode: SampleMode) -> Heap {
+    let heap = new_heap();
+    heap.enable_kfence(mode, PoolConfig::default())
+        .expect("kfence");
+    heap
+}
+
+/// A thread that runs blocks of alloc+free pairs on one heap when asked
+/// and answers with their time. Each heap gets its own thread so that it is
+/// the only heap in that thread's magazine list: a thread finds its
+/// magazines for a heap by a linear search, so a heap it met second would
+/// pay a few instructions more per pair than the first.
+struct Worker {
+    ask: mpsc::Sender<u64>,
+    done: mpsc::Receiver<Duration>,
+}
+
+impl Worker {
+    /// A worker on CPU `cpu` (both workers of a comparison share one, so
+    /// that neither gets the quieter core or the warmer caches).
+    fn new(heap: Arc<Heap>, cpu: usize) -> Worker {
+        let (ask, asked) = mpsc::channel::<u64>();
+        let (tell, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            pin(cpu);
+            for n in asked {
+                if tell.send(run(&heap, n)).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker { ask, done }
+    }
+
+    fn block(&self, n: u64) -> Duration {
+        self.ask.send(n).expect("worker");
+        self.done.recv().expect("worker")
+    }
+}
+
+/// Pins the calling thread to `cpu`; a failure leaves it unpinned.
+fn pin(cpu: usize) {
+    let set = std::mem::MaybeUninit::<libc::cpu_set_t>::zeroed();
+    // SAFETY: all-zero is an empty cpu_set_t.
+    let mut set = unsafe { set.assume_init() };
+    // SAFETY: `set` is a valid cpu_set_t; CPU_SET ignores a CPU past its end.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+}
+
+/// The CPU the calling thread runs on.
+fn current_cpu() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
+}
+
+/// Benchmarks `b` interleaved with `a` (see the module documentation) and
+/// prints the ratio of `b` to `a`; returns its median.
+fn interleaved(c: &mut Criterion, name: &str, a: &Arc<Heap>, b: &Arc<Heap>) -> f64 {
+    let cpu = current_cpu();
+    let (wa, wb) = (
+        Worker::new(Arc::clone(a), cpu),
+        Worker::new(Arc::clone(b), cpu),
     );
+    // Per adjacent pair of blocks (run within a millisecond of each other):
+    // b's time over a's; and the totals.
+    let blocks: RefCell<Vec<f64>> = RefCell::new(Vec::new());
+    let totals = RefCell::new((Duration::ZERO, Duration::ZERO));
+    let before = sampled_count(b);
+    let started = Instant::now();
+    let mut g = c.benchmark_group("heap");
+    g.measurement_time(Duration::from_secs(10));
+    g.bench_function(name, |bench| {
+        bench.iter_custom(|iters| {
+            let mut b_total = Duration::ZERO;
+            let mut left = iters;
+            let mut k = 0u64;
+            while left > 0 {
+                let n = left.min(BLOCK);
+                // ABBA: each heap goes first as often as second.
+                let (ta, tb) = if k % 4 == 0 || k % 4 == 3 {
+                    let ta = wa.block(n);
+                    (ta, wb.block(n))
+                } else {
+                    let tb = wb.block(n);
+                    (wa.block(n), tb)
+                };
+                blocks
+                    .borrow_mut()
+                    .push(tb.as_secs_f64() / ta.as_secs_f64());
+                let mut t = totals.borrow_mut();
+                t.0 += ta;
+                t.1 += tb;
+                b_total += tb;
+                left -= n;
+                k += 1;
+            }
+            b_total
+        })
+    });
+    g.finish();
+    let mut ratios = blocks.into_inner();
+    ratios.sort_by(f64::total_cmp);
+    let (ta, tb) = totals.into_inner();
+    let median = quantile(&ratios, 0.5);
+    let iqr = quantile(&ratios, 0.75) - quantile(&ratios, 0.25);
+    // The median's 95% interval by the notch rule: +-1.58 IQR / sqrt(n).
+    let half = 1.58 * iqr / (ratios.len() as f64).sqrt();
+    eprintln!(
+        "heap/{name}: median of {} adjacent {BLOCK}-pair block ratios = {median:.4} \
+         (95% interval {:.4}..{:.4}); total time ratio {:.4}; {} allocations sampled in \
+         {:.1} s",
+        ratios.len(),
+        median - half,
+        median + half,
+        tb.as_secs_f64() / ta.as_secs_f64(),
+        sampled_count(b) - before,
+        started.elapsed().as_secs_f64(),
+    );
+    median
 }
 
 fn heap(c: &mut Criterion) {
-    let plain = new_heap();
-    let timed = new_heap();
-    timed
-        .enable_kfence(
-            SampleMode::Interval(DEFAULT_INTERVAL),
-            PoolConfig::default(),
-        )
-        .expect("kfence");
-    heap_paired_ratio(&plain, &timed);
-    let off = new_heap();
-    off.enable_kfence(SampleMode::Off, PoolConfig::default())
-        .expect("kfence");
-    let mut g = c.benchmark_group("heap");
-    g.measurement_time(Duration::from_secs(5));
-    g.bench_function("baseline", |b| b.iter(|| heap_alloc_free(&plain)));
-    g.bench_function("sampling_off", |b| b.iter(|| heap_alloc_free(&off)));
-    g.bench_function("interval_100ms", |b| b.iter(|| heap_alloc_free(&timed)));
-    g.finish();
+    let off = Arc::new(heap_with(SampleMode::Off));
+    let on = Arc::new(heap_with(SampleMode::Interval(DEFAULT_INTERVAL)));
+    let off2 = Arc::new(heap_with(SampleMode::Off));
+    let ratio = interleaved(c, "interleaved_interval_100ms", &off, &on);
+    let control = interleaved(c, "interleaved_control_off", &off, &off2);
+    eprintln!(
+        "heap: sampling at {DEFAULT_INTERVAL:?} over sampling off = {ratio:.4} \
+         (target <= {TARGET}: {}); two heaps both off, same run: {control:.4}",
+        if ratio <= TARGET { "met" } else { "NOT met" },
+    );
 }
 
 fn sampled(c: &mut Criterion) {
     let mut g = c.benchmark_group("sampled");
     let p = pool(255);
-    g.bench_function("alloc_free", |b| {
+    g.bench_function("pool_alloc_free", |b| {
         b.iter(|| {
             let obj = p.alloc(SIZE, 8, CACHE).expect("slot");
-            let _ = p.free(black_box(obj).as_ptr());
+            // SAFETY: `obj` is a live object of `p`, never used again.
+            let _ = unsafe { p.free(black_box(obj).as_ptr()) };
         })
     });
+    let heap = new_heap();
+    heap.enable_kfence(SampleMode::Count(1), PoolConfig::default())
+        .expect("kfence")
+        .pool()
+        .set_sink(Arc::new(|_: &kho_alloc::kfence::Report| {}));
+    g.bench_function("heap_alloc_free", |b| b.iter(|| heap_alloc_free(&heap)));
     g.finish();
+    // The cost of sampling at the default interval, from this run: one
+    // sample per interval, each costing one sampled pair.
+    const PAIRS: u32 = 2_000;
+    let before = sampled_count(&heap);
+    let t = Instant::now();
+    for _ in 0..PAIRS {
+        heap_alloc_free(&heap);
+    }
+    let per_pair = t.elapsed() / PAIRS;
+    assert_eq!(sampled_count(&heap) - before, u64::from(PAIRS));
+    let per_second = 1.0 / DEFAULT_INTERVAL.as_secs_f64();
+    let busy = per_second * per_pair.as_secs_f64();
+    eprintln!(
+        "sampling at {DEFAULT_INTERVAL:?}: {per_second:.0} samples/s x {:.1} us per sampled \
+         alloc+free = {:.1} us/s, {:.4}% of one core",
+        per_pair.as_secs_f64() * 1e6,
+        busy * 1e6,
+        busy * 100.0,
+    );
 }
 
 fn disable(c: &mut Criterion) {
@@ -243,5 +286,5 @@ fn disable(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, heap, hook, sampled, disable);
+criterion_group!(benches, heap, sampled, disable);
 criterion_main!(benches);

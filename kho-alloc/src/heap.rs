@@ -716,12 +716,36 @@ impl Heap {
             k.enable(mode)?;
             return Ok(k);
         }
-        // Weak: the query lives inside `Shared` (through the sampler).
-        let weak = Arc::downgrade(&self.shared);
-        let query: kfence::PreservedQuery = Box::new(move |pfn| {
-            weak.upgrade()
-                .is_some_and(|shared| Heap { shared }.is_preserved(pfn))
-        });
+        /// The pool's preserved-page query. Weak: it lives inside `Shared`
+        /// (through the sampler).
+        struct PoolPages(std::sync::Weak<Shared>);
+        impl kfence::PreservedQuery for PoolPages {
+            fn is_preserved(&self, pfn: Pfn) -> bool {
+                self.0
+                    .upgrade()
+                    .is_some_and(|shared| Heap { shared }.is_preserved(pfn))
+            }
+            // Asked at every sampled allocation, under the pool lock: never
+            // wait for the preserved map.
+            fn try_is_preserved(&self, pfn: Pfn) -> Option<bool> {
+                let shared = self.0.upgrade()?;
+                if shared.arena.region_of(pfn) == Some(Region::Preservable) {
+                    return Some(true);
+                }
+                if shared.preserved_count.load(Ordering::Acquire) == 0 {
+                    return Some(false);
+                }
+                let found = match shared.preserved.try_lock() {
+                    Ok(map) => map.is_preserved(pfn).is_some(),
+                    Err(std::sync::TryLockError::Poisoned(e)) => {
+                        e.into_inner().is_preserved(pfn).is_some()
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => return None,
+                };
+                Some(found)
+            }
+        }
+        let query = Box::new(PoolPages(Arc::downgrade(&self.shared)));
         // SAFETY:
         // - the pool over this memory lives in `Shared::kfence`, declared
         //   before `Shared::arena`, so it is dropped while the arena is
@@ -907,13 +931,42 @@ impl Heap {
         Ok(obj)
     }
 
-    /// Try the KFENCE sampler; `None` when it has no sampler, the gate is
-    /// closed, or the request is not eligible (`PRESERVE`).
+    /// Ask the KFENCE sampler's gate; `None` when there is no sampler or
+    /// the gate does not let the request through (the fast path: a
+    /// countdown step in count mode), otherwise see `alloc_passed`.
     #[inline(never)]
     fn alloc_sampled(&self, size: usize, flags: GfpFlags) -> Option<Obj> {
         let k = self.shared.kfence.get()?;
+        let pass = k.pass()?;
+        self.alloc_passed(k, pass, size, flags)
+    }
+
+    /// A request the KFENCE sampler's gate let through: `None` when the
+    /// request is not eligible (`PRESERVE`, or `NOWAIT`: a sampled
+    /// allocation captures a stack, which may block) or the pool cannot
+    /// serve it. The object gets its size class's alignment, as an
+    /// unsampled one would.
+    #[cold]
+    #[inline(never)]
+    fn alloc_passed(
+        &self,
+        k: &Sampler,
+        pass: kfence::Pass,
+        size: usize,
+        flags: GfpFlags,
+    ) -> Option<Obj> {
         let preserve = flags.contains(GfpFlags::PRESERVE);
-        let addr = k.alloc_phys(size.max(1), 8, preserve)?;
+        let nowait = flags.contains(GfpFlags::NOWAIT);
+        let align = match self
+            .shared
+            .caches
+            .get(class_of(size))
+            .and_then(OnceLock::get)
+        {
+            Some(cache) if size <= MAX_OBJECT_SIZE as usize => cache.align as usize,
+            _ => 8,
+        };
+        let addr = k.alloc_phys(pass, size.max(1), align, preserve, nowait)?;
         Some(Obj {
             addr: addr.raw(),
             heap: self.shared.id,
@@ -1017,7 +1070,7 @@ impl Heap {
     /// Free an object from [`alloc`](Self::alloc) or a cache.
     ///
     /// The single entry point of general object free: the KFENCE hook
-    /// (recognising a sampled object by address) belongs at its top.
+    /// (recognising a sampled object by its handle's kind) belongs at its top.
     #[inline]
     pub fn free(&self, obj: Obj) -> Result<()> {
         // Fast path: a general size-class object of this heap goes to the
@@ -1068,6 +1121,7 @@ impl Heap {
                 expected: "a KFENCE object",
             })?;
             // Bugs found on free were reported to the pool's sink.
+            // `obj` is consumed: no slice `bytes` gave out outlives it.
             return k.free_phys(obj.addr()).map_err(|r| Error::KfenceReport {
                 addr: obj.addr,
                 title: r.title().to_owned(),

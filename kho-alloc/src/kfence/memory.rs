@@ -100,9 +100,17 @@ pub unsafe trait PoolMemory: Send + Sync {
     /// and reports.
     fn phys_base(&self) -> PhysAddr;
     /// What page `page` (an index from 0) currently is. Called for every pool
-    /// page at construction and for an object's page at every sampled
-    /// allocation, so a page preserved later is still refused.
+    /// page at construction; may wait for locks.
     fn classify(&self, page: usize) -> PageClass;
+
+    /// [`classify`](Self::classify) without waiting: `None` when the class
+    /// cannot be told right now. Called for an object's page at every
+    /// sampled allocation, so a page preserved later is still refused; a
+    /// `None` keeps that object out of the page this time. The default
+    /// asks `classify`, for implementations that never wait.
+    fn try_classify(&self, page: usize) -> Option<PageClass> {
+        Some(self.classify(page))
+    }
 }
 
 /// A [`PoolMemory`] over a private anonymous mapping, with a per-page class

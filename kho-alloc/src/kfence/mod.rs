@@ -22,21 +22,30 @@
 //! a background timer once per interval, or a per-thread randomized countdown.
 //! The non-sampled path is one relaxed load of a process-wide counter of
 //! active gates ([`may_sample`]) while no gate is open, plus one relaxed load
-//! of the sampler's gate byte or one thread-local decrement (count gate)
-//! otherwise. [`Sampler::disable`] stops sampling and
-//! the timer in bounded time, without waiting for any allocation
-//! (design problem 3).
+//! of the sampler's gate word or one thread-local decrement (count gate)
+//! otherwise. [`Sampler::disable`] stops sampling and the timer in bounded
+//! time: one atomic swap, no lock waited for, no thread joined, no
+//! allocation awaited (design problem 3).
 //!
 //! In the heap, [`Heap::enable_kfence`](crate::Heap::enable_kfence) lays a
 //! pool over the arena's KFENCE region ([`RegionMemory`]), `Heap::alloc`
-//! offers each request to the sampler first, `Heap::free` routes sampled
-//! objects back by address, and `Heap::freeze` disables sampling and records
-//! [`Pool::ranges`] in the image's KFENCE section.
+//! offers each request to the sampler first (never a `PRESERVE` one, and
+//! never a `NOWAIT` one, since a sampled allocation captures a stack),
+//! `Heap::free` routes a sampled object back by its handle's kind, and
+//! `Heap::freeze` disables sampling and records [`Pool::ranges`] in the
+//! image's KFENCE section.
+//!
+//! Freeing or moving a pool object by raw pointer ([`Pool::free`],
+//! [`Pool::realloc`], [`Sampler::free`]) is `unsafe`: the pool scrubs and
+//! protects the object's page, which must not be in use. The heap's owned
+//! handles make that safe for heap objects.
 //!
 //! Bugs are reported as a [`Report`] value, whose text follows the kernel's
 //! KFENCE format, and to a [`ReportSink`] (standard error by default). The
 //! opt-in fault handler in [`crate::fault`] reports guard-page and
-//! use-after-free faults from signal context.
+//! use-after-free faults from signal context to a file descriptor; their
+//! reports reach the sink at the next safe point (the pool's next
+//! allocation or free, or [`Pool::drain_faults`]).
 //!
 //! ```
 //! use kho_alloc::kfence::{AnonMemory, CacheTag, Pool, PoolConfig};
@@ -47,9 +56,12 @@
 //! let obj = pool.alloc(24, 8, CacheTag::size_class(24)).expect("a free slot");
 //! assert!(pool.owns(obj.as_ptr()));
 //! assert_eq!(pool.usable_size(obj.as_ptr()), Some(24));
-//! pool.free(obj.as_ptr())?;
-//! // A second free is a bug, reported and refused.
-//! let report = pool.free(obj.as_ptr()).unwrap_err();
+//! // SAFETY: `obj` is a live pool object, not used after this free.
+//! unsafe { pool.free(obj.as_ptr()) }?;
+//! // A second free is a bug, reported and refused (the pointer is only
+//! // compared, not accessed).
+//! // SAFETY: `obj` is no longer a live object: nothing is given up.
+//! let report = unsafe { pool.free(obj.as_ptr()) }.unwrap_err();
 //! assert!(report.text().starts_with("BUG: KFENCE: double free"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -70,6 +82,7 @@ pub use report::{Access, ObjectInfo, Report, ReportKind, ReportSink, Side, Stder
 pub use sampler::{may_sample, SampleMode, Sampler, DEFAULT_INTERVAL};
 
 pub(crate) use pool::Shared;
+pub(crate) use sampler::Pass;
 
 /// The separator line printed around each report.
 pub(crate) const fn report_separator() -> &'static str {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
 use kho_core::{PhysAddr, PhysRange, PAGE_SIZE};
@@ -23,8 +23,7 @@ const MAX_OBJECTS: usize = 1 << 16;
 const STACK_WORDS: usize = 192;
 /// 8-byte words of cache name kept per object.
 const CACHE_WORDS: usize = 4;
-/// Faults recorded by the fault handler in report-only mode, awaiting
-/// [`Pool::drain_faults`].
+/// Faults recorded by the fault handler, awaiting delivery to the sink.
 const PENDING_FAULTS: usize = 16;
 
 /// Pool parameters.
@@ -224,11 +223,15 @@ pub(crate) struct Counters {
     pub(crate) bugs: AtomicU64,
     pub(crate) skip_incompatible: AtomicU64,
     pub(crate) skip_capacity: AtomicU64,
+    pub(crate) skip_busy: AtomicU64,
+    pub(crate) skip_protect: AtomicU64,
     pub(crate) skip_excluded: AtomicU64,
+    pub(crate) retired: AtomicU64,
 }
 
 /// Pool statistics, as the kernel's `/sys/kernel/debug/kfence/stats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Stats {
     /// Whether a sampler is currently feeding the pool.
     pub enabled: bool,
@@ -240,18 +243,35 @@ pub struct Stats {
     pub total_frees: u64,
     /// Bugs reported (by free checks and by the fault handler).
     pub bugs: u64,
-    /// Sampled requests refused because of their size or alignment.
+    /// Sampled requests refused because of their size or alignment, or
+    /// because they must never block (`NOWAIT`).
     pub skipped_incompatible: u64,
     /// Sampled requests refused because no slot was free.
     pub skipped_capacity: u64,
+    /// Sampled requests refused because another sampled allocation or a
+    /// free held the pool (allocation never waits for it).
+    pub skipped_busy: u64,
+    /// Sampled requests refused because the object page could not be made
+    /// accessible (`mprotect` failed, e.g. at the kernel's mapping limit).
+    pub skipped_protect: u64,
     /// Sampled requests refused because they asked for preservable memory,
-    /// or because the slot's page was no longer general or KFENCE memory.
+    /// or because the slot's page was no longer general or KFENCE memory,
+    /// or could not be checked without blocking.
     pub skipped_excluded: u64,
+    /// Slots taken out of use for good because their page was found to be
+    /// no longer general or KFENCE memory.
+    pub retired: u64,
 }
 
-/// A fault recorded by the handler in report-only mode.
+/// States of a [`PendingFault`].
+const EMPTY: u8 = 0;
+const WRITING: u8 = 1;
+const FULL: u8 = 2;
+const READING: u8 = 3;
+
+/// A fault recorded by the handler, awaiting delivery to the sink.
 pub(crate) struct PendingFault {
-    /// 0 empty, 1 being written, 2 full, 3 being read.
+    /// [`EMPTY`], [`WRITING`], [`FULL`] or [`READING`].
     state: AtomicU8,
     addr: AtomicUsize,
     ip: AtomicUsize,
@@ -333,7 +353,11 @@ pub(crate) struct Shared {
     /// Guard pages the handler made accessible in report-only mode.
     guard_open: Box<[AtomicBool]>,
     pub(crate) counters: Counters,
-    pub(crate) enabled: AtomicBool,
+    /// Samplers currently enabled over this pool.
+    pub(crate) feeders: AtomicUsize,
+    /// Whether the fault handler was ever given this pool, so that dropping
+    /// it must wait for handlers that may still be reading it.
+    pub(crate) registered: AtomicBool,
     pending: Box<[PendingFault]>,
     epoch: Instant,
 }
@@ -394,50 +418,62 @@ impl Shared {
             });
         }
         // A guard page: blame the nearest allocated neighbour.
-        let g = page / 2;
-        let mut best: Option<(usize, Side, usize)> = None;
-        if let Some(left) = g.checked_sub(1) {
-            if let Some(s) = self.slots.get(left) {
-                if s.state() == ObjectState::Allocated {
-                    let obj = s.addr.load(Ordering::Relaxed);
-                    let end = obj.saturating_add(s.size.load(Ordering::Relaxed));
-                    best = Some((addr.saturating_sub(end), Side::Right, left));
-                }
-            }
-        }
-        if let Some(s) = self.slots.get(g) {
-            if s.state() == ObjectState::Allocated {
-                let obj = s.addr.load(Ordering::Relaxed);
-                let dist = obj.saturating_sub(addr);
-                if best.is_none_or(|(d, _, _)| dist < d) {
-                    best = Some((dist, Side::Left, g));
-                }
-            }
-        }
-        Some(match best {
-            Some((_, side, slot)) => {
-                let obj = self
-                    .slots
-                    .get(slot)
-                    .map_or(0, |s| s.addr.load(Ordering::Relaxed));
-                let distance = match side {
-                    Side::Left => obj.saturating_sub(addr),
-                    Side::Right => addr.saturating_sub(obj),
-                };
-                Fault {
+        Some(
+            match self.neighbour(addr, |st| st == ObjectState::Allocated) {
+                Some((slot, side, distance)) => Fault {
                     kind: ReportKind::OutOfBounds {
                         access,
                         side,
                         distance,
                     },
                     slot: Some(slot),
-                }
-            }
-            None => Fault {
-                kind: ReportKind::InvalidAccess { access },
-                slot: None,
+                },
+                None => Fault {
+                    kind: ReportKind::InvalidAccess { access },
+                    slot: None,
+                },
             },
-        })
+        )
+    }
+
+    /// The object nearest to `addr`, an address on a guard page, among the
+    /// two slots beside that page whose state passes `want`: its index, the
+    /// side of it `addr` lies on, and the distance as reports give it (from
+    /// the access up to the object on the left side, from the object's first
+    /// byte on the right). Async-signal-safe.
+    fn neighbour(
+        &self,
+        addr: usize,
+        want: impl Fn(ObjectState) -> bool,
+    ) -> Option<(usize, Side, usize)> {
+        let page = addr.checked_sub(self.base)? / PAGE;
+        if page % 2 == 1 || !self.contains(addr) {
+            return None;
+        }
+        let g = page / 2;
+        // The slot on the left of guard `g` ends below it; the one on its
+        // right starts above it. Compare the gaps, report the distance.
+        let mut best: Option<(usize, usize, Side, usize)> = None;
+        if let Some(left) = g.checked_sub(1) {
+            if let Some(s) = self.slots.get(left).filter(|s| want(s.state())) {
+                let obj = s.addr.load(Ordering::Relaxed);
+                let end = obj.saturating_add(s.size.load(Ordering::Relaxed));
+                best = Some((
+                    addr.saturating_sub(end),
+                    left,
+                    Side::Right,
+                    addr.saturating_sub(obj),
+                ));
+            }
+        }
+        if let Some(s) = self.slots.get(g).filter(|s| want(s.state())) {
+            let obj = s.addr.load(Ordering::Relaxed);
+            let gap = obj.saturating_sub(addr);
+            if best.is_none_or(|(d, ..)| gap < d) {
+                best = Some((gap, g, Side::Left, gap));
+            }
+        }
+        best.map(|(_, slot, side, distance)| (slot, side, distance))
     }
 
     /// Renders a fault report (async-signal-safe when `out` is).
@@ -470,21 +506,28 @@ impl Shared {
         unsafe { sys::protect(self.page_addr(page), PAGE, true) }.is_ok()
     }
 
-    /// Records a fault for [`Pool::drain_faults`] (async-signal-safe).
-    /// Drops it if the queue is full.
+    /// Records a fault for delivery to the sink at the next safe point
+    /// (async-signal-safe). Drops it if the queue is full.
     pub(crate) fn record_fault(&self, fault: Fault, addr: usize, ip: usize) {
         for p in self.pending.iter() {
             if p.state
-                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
                 p.addr.store(addr, Ordering::Relaxed);
                 p.ip.store(ip, Ordering::Relaxed);
                 p.code.store(fault.encode(), Ordering::Relaxed);
-                p.state.store(2, Ordering::Release);
+                p.state.store(FULL, Ordering::Release);
                 return;
             }
         }
+    }
+
+    /// Whether a recorded fault awaits delivery.
+    fn has_pending(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| p.state.load(Ordering::Acquire) == FULL)
     }
 
     fn snapshot(&self, index: usize) -> Option<ObjectInfo> {
@@ -537,7 +580,8 @@ pub struct Pool {
     inner: Mutex<Inner>,
     sink: RwLock<Arc<dyn ReportSink>>,
     symbolize: bool,
-    memory: Box<dyn PoolMemory>,
+    /// `None` only once dropped with a fault handler stuck on the pool.
+    memory: Option<Box<dyn PoolMemory>>,
 }
 
 impl fmt::Debug for Pool {
@@ -624,10 +668,11 @@ impl Pool {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             counters: Counters::default(),
-            enabled: AtomicBool::new(false),
+            feeders: AtomicUsize::new(0),
+            registered: AtomicBool::new(false),
             pending: (0..PENDING_FAULTS)
                 .map(|_| PendingFault {
-                    state: AtomicU8::new(0),
+                    state: AtomicU8::new(EMPTY),
                     addr: AtomicUsize::new(0),
                     ip: AtomicUsize::new(0),
                     code: AtomicU64::new(0),
@@ -643,7 +688,7 @@ impl Pool {
             }),
             sink: RwLock::new(Arc::new(StderrSink)),
             symbolize: config.symbolize_stacks,
-            memory,
+            memory: Some(memory),
         })
     }
 
@@ -670,8 +715,14 @@ impl Pool {
         *self.sink.write().unwrap_or_else(|e| e.into_inner()) = sink;
     }
 
+    /// Counts a bug found in normal context and delivers its report.
     fn emit(&self, report: &Report) {
         self.shared.counters.bugs.fetch_add(1, Ordering::Relaxed);
+        self.deliver(report);
+    }
+
+    /// Gives a report to the sink, outside every pool lock.
+    fn deliver(&self, report: &Report) {
         let sink = Arc::clone(&self.sink.read().unwrap_or_else(|e| e.into_inner()));
         sink.report(report);
     }
@@ -702,11 +753,7 @@ impl Pool {
 
     /// The requested size of the live object starting at `ptr`.
     pub fn usable_size(&self, ptr: *const u8) -> Option<usize> {
-        let (index, slot) = self.slot_of(ptr as usize)?;
-        let _ = index;
-        (slot.state() == ObjectState::Allocated
-            && slot.addr.load(Ordering::Relaxed) == ptr as usize)
-            .then(|| slot.size.load(Ordering::Relaxed))
+        self.live_size(ptr as usize)
     }
 
     /// State of the slot whose object page holds `ptr`.
@@ -737,14 +784,17 @@ impl Pool {
     pub fn stats(&self) -> Stats {
         let c = &self.shared.counters;
         Stats {
-            enabled: self.shared.enabled.load(Ordering::Relaxed),
+            enabled: self.shared.feeders.load(Ordering::Relaxed) > 0,
             allocated: c.allocated.load(Ordering::Relaxed),
             total_allocs: c.allocs.load(Ordering::Relaxed),
             total_frees: c.frees.load(Ordering::Relaxed),
             bugs: c.bugs.load(Ordering::Relaxed),
             skipped_incompatible: c.skip_incompatible.load(Ordering::Relaxed),
             skipped_capacity: c.skip_capacity.load(Ordering::Relaxed),
+            skipped_busy: c.skip_busy.load(Ordering::Relaxed),
+            skipped_protect: c.skip_protect.load(Ordering::Relaxed),
             skipped_excluded: c.skip_excluded.load(Ordering::Relaxed),
+            retired: c.retired.load(Ordering::Relaxed),
         }
     }
 
@@ -753,44 +803,85 @@ impl Pool {
     /// is zeroed and placed at the left or right edge of its page at random.
     ///
     /// Returns `None`, counting the reason in [`Stats`], if the request is
-    /// incompatible, no slot is free (or the pool is busy with another
-    /// allocation or free: allocation never blocks, counted as capacity),
-    /// or the slot's page is no longer general or KFENCE memory.
+    /// incompatible, the pool is busy with another allocation or free (an
+    /// allocation never waits for the pool lock), no slot is free, the
+    /// slot's page is no longer (or cannot be told without waiting to be)
+    /// general or KFENCE memory, or its protection cannot be changed. The
+    /// allocation stack is captured only once a slot is reserved. This is
+    /// a safe point: fault reports recorded by the handler are delivered to
+    /// the sink first.
     pub fn alloc(&self, size: usize, align: usize, cache: CacheTag) -> Option<NonNull<u8>> {
-        let c = &self.shared.counters;
+        self.deliver_faults();
         let align = align.max(1);
-        if size > PAGE || align > PAGE || !align.is_power_of_two() {
-            c.skip_incompatible.fetch_add(1, Ordering::Relaxed);
+        if !self.compatible(size, align) {
             return None;
         }
+        let reserved = {
+            let mut inner = match self.inner.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    self.shared
+                        .counters
+                        .skip_busy
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            };
+            self.reserve(&mut inner)?
+        };
         let mut stack_text = Vec::new();
         stack::render(self.symbolize, &mut stack_text);
-        // Never block an allocation on the pool: if another sampled
-        // allocation or a free holds the lock, this request is not sampled.
-        let mut inner = match self.inner.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                c.skip_capacity.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-        };
+        Some(self.place(reserved, size, align, cache, &stack_text))
+    }
+
+    /// Whether a request fits a pool object; counted if not.
+    fn compatible(&self, size: usize, align: usize) -> bool {
+        let ok = size <= PAGE && align <= PAGE && align.is_power_of_two();
+        if !ok {
+            self.shared
+                .counters
+                .skip_incompatible
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Takes a free slot and makes its object page accessible, under the
+    /// pool lock. `None`, counted, if there is no usable slot.
+    fn reserve(&self, inner: &mut Inner) -> Option<Reserved> {
+        let c = &self.shared.counters;
         let Some(index) = inner.free.pop_front() else {
             c.skip_capacity.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        // Exclusion, again for this object: a page preserved or reclassified
-        // since construction is never handed out (and the slot is retired).
-        if !self.memory.classify(2 * index + 1).is_poolable() {
-            c.skip_excluded.fetch_add(1, Ordering::Relaxed);
-            return None;
+        // Exclusion, again for this object, without waiting: a page
+        // preserved or reclassified since construction is never handed out
+        // (the slot is retired); one that cannot be checked now is not
+        // handed out this time.
+        let class = self
+            .memory
+            .as_ref()
+            .and_then(|m| m.try_classify(2 * index + 1));
+        match class {
+            Some(class) if class.is_poolable() => {}
+            Some(_) => {
+                c.skip_excluded.fetch_add(1, Ordering::Relaxed);
+                c.retired.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            None => {
+                inner.free.push_front(index);
+                c.skip_excluded.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
         }
         let page = self.shared.object_page(index);
         // SAFETY: the page is this slot's object page inside the pool, and the
         // slot is off the free list, so nobody else uses it.
         if unsafe { sys::protect(page, PAGE, true) }.is_err() {
-            inner.free.push_back(index);
-            c.skip_capacity.fetch_add(1, Ordering::Relaxed);
+            inner.free.push_front(index);
+            c.skip_protect.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         for g in [index, index + 1] {
@@ -806,35 +897,53 @@ impl Pool {
         inner.rng ^= inner.rng << 13;
         inner.rng ^= inner.rng >> 7;
         inner.rng ^= inner.rng << 17;
-        let right = inner.rng & 1 == 1;
-        drop(inner);
+        Some(Reserved {
+            index,
+            page,
+            right: inner.rng & 1 == 1,
+        })
+    }
+
+    /// Lays out an object of `size` bytes in a reserved slot (canary around
+    /// it, itself zeroed) and publishes it as allocated.
+    fn place(
+        &self,
+        r: Reserved,
+        size: usize,
+        align: usize,
+        cache: CacheTag,
+        stack_text: &[u8],
+    ) -> NonNull<u8> {
+        let c = &self.shared.counters;
+        let page = r.page;
         let footprint = size.max(1);
-        let addr = if right {
+        let addr = if r.right {
             (page + PAGE - footprint) & !(align - 1)
         } else {
             page
         };
         let end = addr + size;
-        // SAFETY: `page..addr` lies in the object page just made accessible,
-        // which only this call uses until the slot is published below.
+        // SAFETY: `page..addr` lies in the object page made accessible by
+        // `reserve`, which only this call uses until the slot is published.
         unsafe { sys::fill_canary(page, addr - page) };
         // SAFETY: as above, `addr..end` lies in the same page.
         unsafe { sys::zero(addr, size) };
         // SAFETY: as above, `end..page + PAGE` lies in the same page.
         unsafe { sys::fill_canary(end, page + PAGE - end) };
-        let slot = &self.shared.slots[index];
+        let slot = &self.shared.slots[r.index];
         slot.addr.store(addr, Ordering::Relaxed);
         slot.size.store(size, Ordering::Relaxed);
-        slot.placement.store(u8::from(right), Ordering::Relaxed);
+        slot.placement.store(u8::from(r.right), Ordering::Relaxed);
         slot.cache.store(cache.name().as_bytes());
         slot.alloc_tid.store(sys::thread_id(), Ordering::Relaxed);
         slot.alloc_ns.store(self.shared.now_ns(), Ordering::Relaxed);
-        slot.alloc_stack.store(&stack_text);
+        slot.alloc_stack.store(stack_text);
         slot.free_stack.clear();
         slot.state.store(ALLOCATED, Ordering::Release);
         c.allocs.fetch_add(1, Ordering::Relaxed);
         c.allocated.fetch_add(1, Ordering::Relaxed);
-        NonNull::new(addr as *mut u8)
+        // `addr` is inside the pool mapping, hence not null.
+        NonNull::new(addr as *mut u8).unwrap_or(NonNull::dangling())
     }
 
     /// Frees the pool object at `ptr`.
@@ -843,17 +952,25 @@ impl Pool {
     /// or double free is reported and nothing changes) and that the canary
     /// around the object is intact (otherwise a corruption is reported; the
     /// object is freed all the same). The object's bytes are zeroed and its
-    /// page made inaccessible. Reports go to the sink and are
-    /// returned.
-    pub fn free(&self, ptr: *const u8) -> std::result::Result<(), Report> {
-        let addr = ptr as usize;
+    /// page made inaccessible. Reports go to the sink and are returned. This
+    /// is a safe point (see [`Pool::alloc`]).
+    ///
+    /// # Safety
+    ///
+    /// If `ptr` is the start of a live object of this pool, the caller gives
+    /// the object up: no reference into it may be live, and nothing may
+    /// access it during or after the call. (The pool writes zeros over it
+    /// and makes its page inaccessible.) Any other `ptr` is only compared,
+    /// never accessed, and carries no requirement.
+    pub unsafe fn free(&self, ptr: *const u8) -> std::result::Result<(), Report> {
+        self.deliver_faults();
         let mut stack_text = Vec::new();
         let first = stack::render(self.symbolize, &mut stack_text).unwrap_or_default();
         let site = Site::Stack {
             first: &first,
             stack: &stack_text,
         };
-        let report = self.free_inner(addr, &site, &stack_text);
+        let report = self.free_locked(&mut lock(&self.inner), ptr as usize, &site, &stack_text);
         match report {
             None => Ok(()),
             Some(r) => {
@@ -863,11 +980,24 @@ impl Pool {
         }
     }
 
-    fn free_inner(&self, addr: usize, site: &Site<'_>, stack_text: &[u8]) -> Option<Report> {
+    /// The free of `addr` under the pool lock: the report it gives, if any.
+    fn free_locked(
+        &self,
+        inner: &mut Inner,
+        addr: usize,
+        site: &Site<'_>,
+        stack_text: &[u8],
+    ) -> Option<Report> {
         let c = &self.shared.counters;
-        let mut inner = lock(&self.inner);
         let Some((index, slot)) = self.slot_of(addr) else {
-            return Some(report::build(ReportKind::InvalidFree, addr, site, None));
+            // A guard page (or outside the pool): name the object beside it,
+            // live or freed, as the kernel does for an invalid free.
+            let near = self
+                .shared
+                .neighbour(addr, |st| st == ObjectState::Allocated)
+                .or_else(|| self.shared.neighbour(addr, |st| st == ObjectState::Freed))
+                .and_then(|(i, ..)| self.shared.snapshot(i));
+            return Some(report::build(ReportKind::InvalidFree, addr, site, near));
         };
         match slot.state() {
             ObjectState::Unused => {
@@ -912,7 +1042,8 @@ impl Pool {
         // Scrub the object (init-on-free): a stale pointer that still reads
         // it, in report-only mode, sees zeros, not the old contents.
         // SAFETY: `obj_addr..end` is the live object, in its accessible page;
-        // the caller is giving it up, and we hold the pool lock.
+        // the caller gave it up (the contract of `free` and `realloc`), and
+        // we hold the pool lock.
         unsafe { sys::zero(obj_addr, end - obj_addr) };
         slot.free_tid.store(sys::thread_id(), Ordering::Relaxed);
         slot.free_ns.store(self.shared.now_ns(), Ordering::Relaxed);
@@ -923,7 +1054,6 @@ impl Pool {
         // the page remains.
         let _ = unsafe { sys::protect(page, PAGE, false) };
         inner.free.push_back(index);
-        drop(inner);
         c.frees.fetch_add(1, Ordering::Relaxed);
         c.allocated.fetch_sub(1, Ordering::Relaxed);
         corruption.map(|(first_bad, bytes)| {
@@ -934,43 +1064,108 @@ impl Pool {
 
     /// Moves the live object at `ptr` into a new pool object of `new_size`
     /// bytes, copying the common prefix, then frees the old one (its page
-    /// becomes inaccessible, so stale uses fault as use-after-free).
+    /// becomes inaccessible, so stale uses fault as use-after-free). The
+    /// pool lock is held from the check of `ptr` to the free, so no other
+    /// free can interleave.
     ///
     /// Returns `Ok(None)`, leaving the old object untouched, when the pool
-    /// cannot serve the new size; `Err` when `ptr` is not a live object. A
-    /// canary corruption found while freeing the old object goes to the sink.
-    pub fn realloc(
+    /// cannot serve the new size; `Err` (reported as the free it implies)
+    /// when `ptr` is not a live object. A canary corruption found while
+    /// freeing the old object goes to the sink; the new object is valid
+    /// either way.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Pool::free`]: if `ptr` is a live object and the move
+    /// succeeds, the caller gives the old object up.
+    pub unsafe fn realloc(
         &self,
         ptr: *const u8,
         new_size: usize,
         align: usize,
         cache: CacheTag,
     ) -> std::result::Result<Option<NonNull<u8>>, Report> {
-        let Some(old_size) = self.usable_size(ptr) else {
-            // Not a live object: report as the free it implies.
-            return self.free(ptr).map(|()| None);
+        self.deliver_faults();
+        let addr = ptr as usize;
+        let align = align.max(1);
+        let mut inner = lock(&self.inner);
+        let Some(old_size) = self.live_size(addr) else {
+            let mut stack_text = Vec::new();
+            let first = stack::render(self.symbolize, &mut stack_text).unwrap_or_default();
+            let site = Site::Stack {
+                first: &first,
+                stack: &stack_text,
+            };
+            let report = self.free_locked(&mut inner, addr, &site, &stack_text);
+            drop(inner);
+            return match report {
+                Some(r) => {
+                    self.emit(&r);
+                    Err(r)
+                }
+                None => Ok(None),
+            };
         };
-        let Some(new) = self.alloc(new_size, align, cache) else {
+        if !self.compatible(new_size, align) {
+            return Ok(None);
+        }
+        let Some(reserved) = self.reserve(&mut inner) else {
             return Ok(None);
         };
-        // SAFETY: `ptr..ptr + old_size` is the live object (checked above) and
+        let mut stack_text = Vec::new();
+        let first = stack::render(self.symbolize, &mut stack_text).unwrap_or_default();
+        let new = self.place(reserved, new_size, align, cache, &stack_text);
+        // SAFETY: `addr..addr + old_size` is the live object (checked above,
+        // under the lock still held, so no free of it can interleave) and
         // `new..new + min` lies in the fresh object; they are on different
-        // pages, hence disjoint.
-        unsafe { sys::copy(ptr as usize, new.as_ptr() as usize, old_size.min(new_size)) };
-        // A corruption of the old object is reported to the sink by free; the
-        // new object is valid either way.
-        let _ = self.free(ptr);
+        // pages, hence disjoint, and the caller does not access the old one.
+        unsafe { sys::copy(addr, new.as_ptr() as usize, old_size.min(new_size)) };
+        let site = Site::Stack {
+            first: &first,
+            stack: &stack_text,
+        };
+        let corruption = self.free_locked(&mut inner, addr, &site, &stack_text);
+        drop(inner);
+        if let Some(r) = corruption {
+            self.emit(&r);
+        }
         Ok(Some(new))
     }
 
-    /// Reports recorded by the fault handler in report-only mode since the
-    /// last call, with a snapshot of each object as it is now. The handler
-    /// already wrote their text to its file descriptor.
+    /// Size of the live object starting at `addr`.
+    fn live_size(&self, addr: usize) -> Option<usize> {
+        let (_, slot) = self.slot_of(addr)?;
+        (slot.state() == ObjectState::Allocated && slot.addr.load(Ordering::Relaxed) == addr)
+            .then(|| slot.size.load(Ordering::Relaxed))
+    }
+
+    /// Delivers to the sink, and returns, the fault reports the handler
+    /// recorded since the last safe point (each with a snapshot of its
+    /// object as it is now). The handler already wrote their text to its
+    /// file descriptor; the sink cannot run in signal context, so it gets
+    /// them here or at the pool's next allocation or free, whichever comes
+    /// first.
     pub fn drain_faults(&self) -> Vec<Report> {
+        let reports = self.take_faults();
+        for r in &reports {
+            self.deliver(r);
+        }
+        reports
+    }
+
+    /// The safe point of allocation and free: pending fault reports to the
+    /// sink.
+    fn deliver_faults(&self) {
+        if self.shared.has_pending() {
+            self.drain_faults();
+        }
+    }
+
+    fn take_faults(&self) -> Vec<Report> {
         let mut out = Vec::new();
         for p in self.shared.pending.iter() {
             if p.state
-                .compare_exchange(2, 3, Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(FULL, READING, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
                 continue;
@@ -978,7 +1173,7 @@ impl Pool {
             let addr = p.addr.load(Ordering::Relaxed);
             let ip = p.ip.load(Ordering::Relaxed);
             let fault = Fault::decode(p.code.load(Ordering::Relaxed));
-            p.state.store(0, Ordering::Release);
+            p.state.store(EMPTY, Ordering::Release);
             let obj = fault.slot.and_then(|s| self.shared.snapshot(s));
             out.push(report::build(fault.kind, addr, &Site::Ip(ip), obj));
         }
@@ -986,12 +1181,28 @@ impl Pool {
     }
 }
 
+/// A slot taken off the free list, its page accessible, not yet published.
+struct Reserved {
+    index: usize,
+    page: usize,
+    right: bool,
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
-        crate::fault::deregister(&self.shared);
+        if !crate::fault::deregister(&self.shared) {
+            // A fault handler still runs on this pool (stuck, say, writing
+            // its report to a full pipe): keep the metadata and the memory
+            // for the rest of the process rather than let it change the
+            // protection of whatever is mapped here next.
+            std::mem::forget(Arc::clone(&self.shared));
+            std::mem::forget(self.memory.take());
+            return;
+        }
         // Hand the memory back accessible, as it was given.
         // SAFETY: the range is the pool's memory; the pool is being dropped,
-        // so no object of it may be used any more.
+        // so no object of it may be used any more, and no fault handler uses
+        // it (deregistered above).
         let _ = unsafe { sys::protect(self.shared.base, self.shared.len, true) };
     }
 }
@@ -999,6 +1210,87 @@ impl Drop for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kfence::{AnonMemory, PageClass, PoolMemory};
+
+    /// Anonymous pool memory whose pages can be made "cannot tell now".
+    struct Undecided {
+        memory: AnonMemory,
+        undecided: Arc<AtomicBool>,
+    }
+
+    // SAFETY: delegates to the AnonMemory, which upholds the contract.
+    unsafe impl PoolMemory for Undecided {
+        fn base(&self) -> *mut u8 {
+            self.memory.base()
+        }
+        fn pages(&self) -> usize {
+            self.memory.pages()
+        }
+        fn phys_base(&self) -> PhysAddr {
+            self.memory.phys_base()
+        }
+        fn classify(&self, page: usize) -> PageClass {
+            self.memory.classify(page)
+        }
+        fn try_classify(&self, page: usize) -> Option<PageClass> {
+            (!self.undecided.load(Ordering::Relaxed)).then(|| self.memory.classify(page))
+        }
+    }
+
+    fn renders() -> usize {
+        stack::RENDERS.with(std::cell::Cell::get)
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn refusals_are_counted_apart_and_take_no_stack() {
+        let undecided = Arc::new(AtomicBool::new(false));
+        let memory = Undecided {
+            memory: AnonMemory::new(PoolConfig::pages_for(1)).unwrap(),
+            undecided: Arc::clone(&undecided),
+        };
+        let pool = Pool::new(
+            Box::new(memory),
+            PoolConfig {
+                objects: 1,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+        let tag = CacheTag::named("t");
+        let before = renders();
+        // Busy: another allocation or free holds the pool.
+        {
+            let _held = lock(&pool.inner);
+            assert!(pool.alloc(8, 8, tag).is_none());
+        }
+        // The page cannot be checked now: refused, the slot kept.
+        undecided.store(true, Ordering::Relaxed);
+        assert!(pool.alloc(8, 8, tag).is_none());
+        undecided.store(false, Ordering::Relaxed);
+        // mprotect fails: refused, the slot kept.
+        sys::FAIL_PROTECT.with(|f| f.set(true));
+        assert!(pool.alloc(8, 8, tag).is_none());
+        assert_eq!(renders(), before, "a refused request took a stack");
+        let p = pool.alloc(8, 8, tag).expect("the one slot, still usable");
+        assert_eq!(renders(), before + 1);
+        // Capacity: no free slot.
+        assert!(pool.alloc(8, 8, tag).is_none());
+        assert_eq!(renders(), before + 1);
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.skipped_busy,
+                s.skipped_excluded,
+                s.skipped_protect,
+                s.skipped_capacity,
+                s.retired
+            ),
+            (1, 1, 1, 1, 0)
+        );
+        // SAFETY: `p` is a live object of this pool, not used afterwards.
+        unsafe { pool.free(p.as_ptr()) }.unwrap();
+    }
 
     #[test]
     fn size_classes() {

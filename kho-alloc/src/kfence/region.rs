@@ -9,8 +9,27 @@ use super::{KfenceError, Result};
 use crate::arena::Arena;
 use crate::layout::{Layout, Region};
 
-/// Answers whether a page is preserved (or will be at the next freeze).
-pub type PreservedQuery = Box<dyn Fn(Pfn) -> bool + Send + Sync>;
+/// Answers whether a page is preserved (or will be at the next freeze), for
+/// the exclusion checks of a pool over arena memory.
+pub trait PreservedQuery: Send + Sync {
+    /// Whether `pfn` is preserved. May wait for locks: asked for every page
+    /// when the pool is built.
+    fn is_preserved(&self, pfn: Pfn) -> bool;
+
+    /// The same without waiting: `None` when it cannot be told right now.
+    /// Asked for an object's page at every sampled allocation, which never
+    /// blocks; `None` keeps the object out of that page.
+    fn try_is_preserved(&self, pfn: Pfn) -> Option<bool> {
+        Some(self.is_preserved(pfn))
+    }
+}
+
+/// A closure that never waits answers both questions.
+impl<F: Fn(Pfn) -> bool + Send + Sync> PreservedQuery for F {
+    fn is_preserved(&self, pfn: Pfn) -> bool {
+        self(pfn)
+    }
+}
 
 /// The arena's KFENCE region as pool memory. Pages are classified by the
 /// arena's layout and by a preserved-state query, so a pool over it is
@@ -21,7 +40,7 @@ pub struct RegionMemory {
     pages: usize,
     first: Pfn,
     layout: Layout,
-    is_preserved: PreservedQuery,
+    is_preserved: Box<dyn PreservedQuery>,
 }
 
 impl fmt::Debug for RegionMemory {
@@ -44,7 +63,10 @@ impl RegionMemory {
     ///   before the arena);
     /// - nothing else may read or write the KFENCE region's bytes meanwhile
     ///   (the pool makes its pages inaccessible).
-    pub(crate) unsafe fn new(arena: &Arena, is_preserved: PreservedQuery) -> Result<RegionMemory> {
+    pub(crate) unsafe fn new(
+        arena: &Arena,
+        is_preserved: Box<dyn PreservedQuery>,
+    ) -> Result<RegionMemory> {
         let layout = *arena.layout();
         Self::over(
             arena.base_ptr() as usize,
@@ -63,7 +85,7 @@ impl RegionMemory {
         layout: Layout,
         first: Pfn,
         end: Pfn,
-        is_preserved: PreservedQuery,
+        is_preserved: Box<dyn PreservedQuery>,
     ) -> Result<RegionMemory> {
         let pages = end.raw().saturating_sub(first.raw());
         let offset = first.raw().checked_mul(PAGE_SIZE);
@@ -99,7 +121,7 @@ impl RegionMemory {
         arena: &Arena,
         first: Pfn,
         end: Pfn,
-        is_preserved: PreservedQuery,
+        is_preserved: Box<dyn PreservedQuery>,
     ) -> Result<RegionMemory> {
         let end = Pfn(end.raw().min(arena.pages()));
         Self::over(
@@ -133,20 +155,47 @@ unsafe impl PoolMemory for RegionMemory {
     }
 
     fn classify(&self, page: usize) -> PageClass {
-        let Some(pfn) = self.first.checked_add(page as u64) else {
-            return PageClass::Reserved;
-        };
-        let class = match self.layout.region_of(pfn) {
-            Some(Region::Kfence) => PageClass::Kfence,
-            Some(Region::General) => PageClass::General,
-            Some(Region::Scratch) => return PageClass::Scratch,
-            Some(Region::Preservable) => return PageClass::Preservable,
-            _ => return PageClass::Reserved,
-        };
-        if (self.is_preserved)(pfn) {
-            PageClass::Preserved
-        } else {
-            class
+        match self.region_class(page) {
+            Ok((pfn, class)) => {
+                if self.is_preserved.is_preserved(pfn) {
+                    PageClass::Preserved
+                } else {
+                    class
+                }
+            }
+            Err(class) => class,
+        }
+    }
+
+    fn try_classify(&self, page: usize) -> Option<PageClass> {
+        Some(match self.region_class(page) {
+            Ok((pfn, class)) => {
+                if self.is_preserved.try_is_preserved(pfn)? {
+                    PageClass::Preserved
+                } else {
+                    class
+                }
+            }
+            Err(class) => class,
+        })
+    }
+}
+
+impl RegionMemory {
+    /// The PFN of pool page `page` and its class by region, if that region
+    /// may hold pool pages (then its preserved state decides); otherwise
+    /// the final class.
+    fn region_class(&self, page: usize) -> std::result::Result<(Pfn, PageClass), PageClass> {
+        let pfn = self
+            .first
+            .checked_add(page as u64)
+            .ok_or(PageClass::Reserved)?;
+        match self.layout.region_of(pfn) {
+            Some(Region::Kfence) => Ok((pfn, PageClass::Kfence)),
+            Some(Region::General) => Ok((pfn, PageClass::General)),
+            Some(Region::Scratch) => Err(PageClass::Scratch),
+            Some(Region::Preservable) => Err(PageClass::Preservable),
+            _ => Err(PageClass::Reserved),
         }
     }
 }
@@ -166,6 +215,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore)]
     fn pool_over_the_kfence_region() {
         let arena = arena();
         // SAFETY: the arena outlives the pool (dropped first, below) and
@@ -186,12 +236,14 @@ mod tests {
         let p = pool.alloc(100, 8, CacheTag::size_class(100)).unwrap();
         let phys = pool.phys_addr(p.as_ptr()).unwrap();
         assert_eq!(arena.region_of(phys.pfn()), Some(Region::Kfence));
-        pool.free(p.as_ptr()).unwrap();
+        // SAFETY: `p` is a live pool object, not used after this free.
+        unsafe { pool.free(p.as_ptr()) }.unwrap();
         drop(pool);
         drop(arena);
     }
 
     #[test]
+    #[cfg_attr(miri, ignore)]
     fn pools_outside_the_kfence_region_are_refused() {
         let arena = arena();
         let layout = *arena.layout();

@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! ==================================================================
-//! BUG: KFENCE: out-of-bounds read in <first frame of the access>
+//! BUG: KFENCE: use-after-free read in <first frame of the access>
 //!
-//! Out-of-bounds read at 0x7f0c3a5fefff (1B left of kfence-#3):
+//! Use-after-free read at 0x7f0c3a5ff004 (4B into kfence-#3):
 //!   <access stack, or the faulting instruction pointer>
 //!
 //! kfence-#3: 0x7f0c3a5ff000-0x7f0c3a5ff01f, size=32, cache=size-32, arena 0x107000
@@ -18,7 +18,10 @@
 //! ```
 //!
 //! As in the kernel, an out-of-bounds distance to the right is measured from
-//! the object's first byte, to the left from the access to the object.
+//! the object's first byte, to the left from the access to the object; an
+//! address inside the object is given as its offset (`4B into`). A fault's
+//! site is its instruction pointer, with the loaded object and offset that
+//! `addr2line -e OBJECT` resolves; frees name their caller's stack.
 
 use std::fmt;
 
@@ -169,6 +172,14 @@ impl Report {
         self.object.as_deref()
     }
 
+    /// Signed offset of [`addr`](Self::addr) from the first byte of the
+    /// object concerned (for a use-after-free, the offset of the access
+    /// into the freed object).
+    pub fn offset(&self) -> Option<isize> {
+        let obj = self.object.as_deref()?;
+        Some((self.addr as isize).wrapping_sub(obj.addr as isize))
+    }
+
     /// The KFENCE-format text, without the separator lines.
     pub fn text(&self) -> &str {
         &self.text
@@ -269,7 +280,8 @@ impl ObjView for ObjectInfo {
 
 /// Where the bad access or free happened.
 pub(crate) enum Site<'a> {
-    /// A fault: the instruction pointer, printed raw.
+    /// A fault: the instruction pointer (0 when the platform gives none),
+    /// printed with its object and offset when known.
     Ip(usize),
     /// A free: the name of the first frame and the rendered stack.
     Stack { first: &'a str, stack: &'a [u8] },
@@ -304,6 +316,36 @@ fn object_ref(out: &mut dyn Out, obj: Option<&dyn ObjView>, prefix: &str) {
     }
 }
 
+/// `NB left of`, `NB into` or `NB right of` the object, then its name.
+fn position(out: &mut dyn Out, addr: usize, o: &dyn ObjView) {
+    let start = o.addr();
+    let end = start.saturating_add(o.size());
+    if addr < start {
+        out.dec((start - addr) as u64);
+        out.s("B left of ");
+    } else if addr < end {
+        out.dec((addr - start) as u64);
+        out.s("B into ");
+    } else {
+        out.dec((addr - start) as u64);
+        out.s("B right of ");
+    }
+    out.s("kfence-#");
+    out.dec(o.index() as u64);
+}
+
+/// A code address, with its object and offset when the loader knows them.
+fn code_addr(out: &mut dyn Out, ip: usize) {
+    out.hex(ip as u64);
+    if let Some((object, offset)) = super::sys::describe_ip_loaded(ip) {
+        out.s(" (");
+        out.s(object);
+        out.s("+");
+        out.hex(offset as u64);
+        out.s(")");
+    }
+}
+
 fn timestamp(out: &mut dyn Out, ns: u64) {
     out.dec(ns / 1_000_000_000);
     out.s(".");
@@ -324,7 +366,8 @@ pub(crate) fn render(
     title_words(out, kind);
     out.s(" in ");
     match site {
-        Site::Ip(ip) => out.hex(*ip as u64),
+        Site::Ip(0) => out.s("<unknown>"),
+        Site::Ip(ip) => code_addr(out, *ip),
         Site::Stack { first, .. } => {
             if first.is_empty() {
                 out.s("<unknown>");
@@ -363,7 +406,11 @@ pub(crate) fn render(
             out.s(access.name());
             out.s(" at ");
             out.hex(addr as u64);
-            object_ref(out, obj, " (in ");
+            if let Some(o) = obj {
+                out.s(" (");
+                position(out, addr, o);
+                out.s(")");
+            }
             out.s(":\n");
         }
         ReportKind::InvalidAccess { access } => {
@@ -377,9 +424,13 @@ pub(crate) fn render(
         ReportKind::InvalidFree => {
             out.s("Invalid free of ");
             out.hex(addr as u64);
-            object_ref(out, obj, " (in ");
-            if obj.is_none() {
-                out.s(" (not a KFENCE object)");
+            match obj {
+                Some(o) => {
+                    out.s(" (");
+                    position(out, addr, o);
+                    out.s(")");
+                }
+                None => out.s(" (not a KFENCE object)"),
             }
             out.s(":\n");
         }
@@ -408,9 +459,10 @@ pub(crate) fn render(
         }
     }
     match site {
+        Site::Ip(0) => {}
         Site::Ip(ip) => {
             out.s("  ip ");
-            out.hex(*ip as u64);
+            code_addr(out, *ip);
             out.s("\n");
         }
         Site::Stack { stack, .. } => out.put(stack),
@@ -422,8 +474,11 @@ pub(crate) fn render(
     out.dec(o.index() as u64);
     out.s(": ");
     out.hex(o.addr() as u64);
-    out.s("-");
-    out.hex((o.addr() + o.size().saturating_sub(1)) as u64);
+    // An empty object has no last byte: its start alone.
+    if o.size() > 0 {
+        out.s("-");
+        out.hex((o.addr() + o.size() - 1) as u64);
+    }
     out.s(", size=");
     out.dec(o.size() as u64);
     out.s(", cache=");
@@ -546,5 +601,47 @@ mod tests {
              Invalid free of 0x99 (not a KFENCE object):\n"
         );
         assert_eq!(r.kind().title(), "invalid free");
+        assert_eq!(r.offset(), None);
+    }
+
+    #[test]
+    fn positions_relative_to_the_object() {
+        let site = Site::Stack {
+            first: "f",
+            stack: b"",
+        };
+        let uaf = build(
+            ReportKind::UseAfterFree {
+                access: Access::Write,
+            },
+            0x1005,
+            &Site::Ip(0),
+            Some(info()),
+        );
+        assert!(
+            uaf.text().starts_with(
+                "BUG: KFENCE: use-after-free write in <unknown>\n\n\
+                 Use-after-free write at 0x1005 (5B into kfence-#3):\n\n"
+            ),
+            "{uaf}"
+        );
+        assert_eq!(uaf.offset(), Some(5));
+        for (addr, words) in [
+            (0xfff, "(1B left of kfence-#3)"),
+            (0x1001, "(1B into kfence-#3)"),
+            (0x1ff8, "(4088B right of kfence-#3)"),
+        ] {
+            let r = build(ReportKind::InvalidFree, addr, &site, Some(info()));
+            assert!(
+                r.text()
+                    .contains(&format!("Invalid free of {addr:#x} {words}:")),
+                "{r}"
+            );
+        }
+        let mut empty = info();
+        empty.size = 0;
+        let r = build(ReportKind::DoubleFree, 0x1000, &site, Some(empty));
+        assert!(r.text().contains("\nkfence-#3: 0x1000, size=0, "), "{r}");
+        assert!(r.text().contains("(in kfence-#3)"), "{r}");
     }
 }

@@ -3,10 +3,10 @@
 use std::cell::Cell;
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 use kho_core::PhysAddr;
 
@@ -37,12 +37,30 @@ impl Default for SampleMode {
     }
 }
 
-/// Gate states: one byte, so the unsampled path is a single relaxed load and
-/// compare. The timer only ever moves `CLOSED` to `OPEN`.
+/// Gate states, in the low byte of the gate word.
 const OFF: u8 = 0;
 const CLOSED: u8 = 1;
 const OPEN: u8 = 2;
 const COUNT: u8 = 3;
+
+/// A gate word is `generation << 8 | state`. Every enable and disable
+/// installs a word with a fresh generation, drawn from one process-wide
+/// counter, so a word names one sampler in one mode: a timer whose
+/// generation is gone stops, a racing enable whose generation was replaced
+/// loses, and a thread's count-gate countdown knows whose it is.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn fresh_word(state: u8) -> u64 {
+    NEXT_GENERATION.fetch_add(1, Ordering::Relaxed) << 8 | u64::from(state)
+}
+
+const fn state_of(word: u64) -> u8 {
+    (word & 0xff) as u8
+}
+
+const fn with_state(word: u64, state: u8) -> u64 {
+    word & !0xff | state as u64
+}
 
 /// Process-wide number of gates that may sample right now: open time gates
 /// plus count-mode samplers. While it is zero no request anywhere is
@@ -65,10 +83,9 @@ const fn active(state: u8) -> bool {
     state == OPEN || state == COUNT
 }
 
-/// Moves `gate` to `new`, keeping [`ACTIVE`] in step.
-fn set_gate(gate: &AtomicU8, new: u8) {
-    let old = gate.swap(new, Ordering::AcqRel);
-    match (active(old), active(new)) {
+/// Keeps [`ACTIVE`] in step with one gate transition.
+fn count_active(old: u64, new: u64) {
+    match (active(state_of(old)), active(state_of(new))) {
         (false, true) => {
             ACTIVE.fetch_add(1, Ordering::Relaxed);
         }
@@ -79,18 +96,41 @@ fn set_gate(gate: &AtomicU8, new: u8) {
     }
 }
 
+/// A request the gate let through to the slow path (see [`Sampler::pass`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pass {
+    /// The time gate was open (this word).
+    Open(u64),
+    /// The count gate's countdown reached its end, or belongs to another
+    /// word than this one (`mine` false) and must be drawn afresh.
+    Counted {
+        /// The gate word.
+        word: u64,
+        /// Whether this thread's countdown belongs to `word`.
+        mine: bool,
+        /// The countdown's value.
+        left: u32,
+    },
+}
+
 thread_local! {
-    /// Requests left before this thread's next sample; 0 means "draw".
-    static COUNTDOWN: Cell<u32> = const { Cell::new(0) };
+    /// The count-gate word this thread's countdown belongs to, and the
+    /// requests left before its next sample. Another word (another
+    /// sampler, or the same one re-enabled) means "draw afresh".
+    static COUNTDOWN: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
     /// This thread's xorshift state; 0 means "seed me".
     static RNG: Cell<u64> = const { Cell::new(0) };
 }
 
-/// A uniform draw in `1..=2 * rate - 1`, mean `rate`.
+/// A geometric draw on `1..`, mean `rate`: the number of requests up to and
+/// including the next sampled one when each is sampled with probability
+/// `1 / rate`. Memoryless, so a countdown drawn afresh (a thread switching
+/// between samplers) keeps every sampler at its rate.
 fn draw(rate: u32) -> u32 {
-    let rate = rate.max(1);
-    let span = u64::from(rate) * 2 - 1;
-    RNG.with(|r| {
+    if rate <= 1 {
+        return 1;
+    }
+    let x = RNG.with(|r| {
         let mut x = r.get();
         if x == 0 {
             // Seed from the thread-local's address and the clock: distinct per
@@ -104,13 +144,13 @@ fn draw(rate: u32) -> u32 {
         x ^= x >> 7;
         x ^= x << 17;
         r.set(x);
-        u32::try_from(1 + x % span).unwrap_or(rate)
-    })
-}
-
-struct Timer {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<()>,
+        x
+    });
+    // Uniform in (0, 1], from the top 53 bits.
+    let u = ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let n = 1.0 + (u.ln() / (-1.0 / f64::from(rate)).ln_1p()).floor();
+    // `as` saturates: a draw past u32::MAX is u32::MAX.
+    n as u32
 }
 
 /// Feeds a [`Pool`] with sampled allocation requests.
@@ -119,22 +159,32 @@ struct Timer {
 /// it returns `None` (the caller proceeds normally) unless the request is
 /// sampled and the pool can serve it. While no gate in the process is open
 /// the unsampled path is one relaxed load of a global ([`may_sample`]);
-/// otherwise one more load of the gate byte, or a thread-local decrement
+/// otherwise one more load of the gate word, or a thread-local decrement
 /// (count gate).
+///
+/// [`enable`](Self::enable) calls are serialized; [`disable`](Self::disable)
+/// takes no lock, joins no thread and waits for nothing, so it is safe at
+/// freeze, at shutdown and in a forked child. Each operation takes effect
+/// as one atomic step on the gate word: a disable that overlaps an enable
+/// either comes after it (and sampling ends off) or before it.
 pub struct Sampler {
-    gate: Arc<AtomicU8>,
+    gate: Arc<AtomicU64>,
     rate: AtomicU32,
     pool_base: usize,
     pool_len: usize,
     pool: Arc<Pool>,
-    timer: Mutex<Option<Timer>>,
+    /// Serializes enables; holds the running timer thread's handle, to wake
+    /// it when its generation ends.
+    control: Mutex<Option<Thread>>,
 }
 
 impl fmt::Debug for Sampler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = self.gate.load(Ordering::Relaxed);
         f.debug_struct("Sampler")
             .field("pool", &self.pool)
-            .field("gate", &self.gate.load(Ordering::Relaxed))
+            .field("gate", &state_of(word))
+            .field("generation", &(word >> 8))
             .field("rate", &self.rate.load(Ordering::Relaxed))
             .finish()
     }
@@ -145,12 +195,12 @@ impl Sampler {
     pub fn new(pool: Arc<Pool>, mode: SampleMode) -> Result<Sampler> {
         let (pool_base, pool_len) = pool.bounds();
         let s = Sampler {
-            gate: Arc::new(AtomicU8::new(OFF)),
+            gate: Arc::new(AtomicU64::new(fresh_word(OFF))),
             rate: AtomicU32::new(1),
             pool_base,
             pool_len,
             pool,
-            timer: Mutex::new(None),
+            control: Mutex::new(None),
         };
         s.enable(mode)?;
         Ok(s)
@@ -161,93 +211,139 @@ impl Sampler {
         &self.pool
     }
 
-    /// Switches to `mode`, stopping or starting the timer as needed.
+    /// Switches to `mode`, stopping or starting the timer as needed. An
+    /// invalid mode (a zero rate or interval) is refused and changes
+    /// nothing. Enables are serialized with each other; a
+    /// [`disable`](Self::disable) running meanwhile wins.
     pub fn enable(&self, mode: SampleMode) -> Result<()> {
-        self.disable();
+        match mode {
+            SampleMode::Count(0) => {
+                return Err(KfenceError::Rate {
+                    expected: 1,
+                    found: 0,
+                })
+            }
+            SampleMode::Interval(i) if i.is_zero() => {
+                return Err(KfenceError::Rate {
+                    expected: 1,
+                    found: 0,
+                })
+            }
+            _ => {}
+        }
+        let mut timer = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let off = self.turn_off();
+        if let Some(t) = timer.take() {
+            t.unpark();
+        }
         match mode {
             SampleMode::Off => Ok(()),
             SampleMode::Count(rate) => {
-                if rate == 0 {
-                    return Err(KfenceError::Rate {
-                        expected: 1,
-                        found: 0,
-                    });
-                }
                 self.rate.store(rate, Ordering::Relaxed);
-                set_gate(&self.gate, COUNT);
-                self.pool.shared().enabled.store(true, Ordering::Relaxed);
+                self.publish(off, fresh_word(COUNT));
                 Ok(())
             }
             SampleMode::Interval(interval) => {
-                if interval.is_zero() {
-                    return Err(KfenceError::Rate {
-                        expected: 1,
-                        found: 0,
-                    });
+                let armed = fresh_word(CLOSED);
+                if !self.publish(off, armed) {
+                    return Ok(());
                 }
-                let stop = Arc::new(AtomicBool::new(false));
                 let gate = Arc::clone(&self.gate);
-                let thread_stop = Arc::clone(&stop);
-                let handle = thread::Builder::new()
+                match thread::Builder::new()
                     .name("kfence-timer".into())
-                    .spawn(move || {
-                        // Opens the gate once per interval. It never waits for
-                        // an allocation to take the gate, so stopping it only
-                        // needs an unpark.
-                        while !thread_stop.load(Ordering::Acquire) {
-                            thread::park_timeout(interval);
-                            if thread_stop.load(Ordering::Acquire) {
-                                break;
-                            }
-                            if gate
-                                .compare_exchange(
-                                    CLOSED,
-                                    OPEN,
-                                    Ordering::Release,
-                                    Ordering::Relaxed,
-                                )
-                                .is_ok()
-                            {
-                                ACTIVE.fetch_add(1, Ordering::Relaxed);
-                            }
+                    .spawn(move || run_timer(&gate, armed, interval))
+                {
+                    // The handle is dropped: the thread is detached, and
+                    // stops by itself once its generation is gone.
+                    Ok(handle) => {
+                        *timer = Some(handle.thread().clone());
+                        Ok(())
+                    }
+                    Err(source) => {
+                        if let Ok(old) = self.gate.compare_exchange(
+                            armed,
+                            fresh_word(OFF),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        ) {
+                            self.account(old, OFF);
                         }
-                    })
-                    .map_err(|source| KfenceError::Timer { source })?;
-                *self.timer.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Timer { stop, handle });
-                set_gate(&self.gate, CLOSED);
-                self.pool.shared().enabled.store(true, Ordering::Relaxed);
-                Ok(())
+                        Err(KfenceError::Timer { source })
+                    }
+                }
             }
         }
     }
 
-    /// Stops sampling and the timer. Bounded: it wakes the timer thread and
-    /// joins it, waiting on nothing that needs allocation traffic.
-    /// Objects already in the pool stay valid and can still be freed.
+    /// Installs `new` in place of `off` (the word this enable's own stop
+    /// installed); `false` if a disable replaced it meanwhile.
+    fn publish(&self, off: u64, new: u64) -> bool {
+        let ok = self
+            .gate
+            .compare_exchange(off, new, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if ok {
+            self.account(off, state_of(new));
+        }
+        ok
+    }
+
+    /// Installs a fresh `OFF` word; returns it.
+    fn turn_off(&self) -> u64 {
+        let off = fresh_word(OFF);
+        let old = self.gate.swap(off, Ordering::AcqRel);
+        self.account(old, OFF);
+        off
+    }
+
+    /// Keeps [`ACTIVE`] and the pool's count of enabled samplers in step
+    /// with a transition from `old` to a word in state `new`.
+    fn account(&self, old: u64, new: u8) {
+        count_active(old, u64::from(new));
+        let feeders = &self.pool.shared().feeders;
+        match (state_of(old) != OFF, new != OFF) {
+            (false, true) => {
+                feeders.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                feeders.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops sampling and the timer. Bounded, lock-free and allocation-free:
+    /// one atomic swap ends the current generation (the timer thread stops
+    /// by itself when it sees that), then the timer is woken so it does so
+    /// at once, if its handle can be had without waiting. Nothing is
+    /// joined, so this cannot hang on a thread that no longer exists (after
+    /// `fork`) or on one that waits for an allocation. Objects already in
+    /// the pool stay valid and can still be freed.
     pub fn disable(&self) {
-        set_gate(&self.gate, OFF);
-        self.pool.shared().enabled.store(false, Ordering::Relaxed);
-        let timer = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.turn_off();
+        let timer = match self.control.try_lock() {
+            Ok(mut t) => t.take(),
+            Err(TryLockError::Poisoned(e)) => e.into_inner().take(),
+            // An enable is running: it stops its own timer if this disable
+            // replaced its word, and has stopped the previous one.
+            Err(TryLockError::WouldBlock) => None,
+        };
         if let Some(t) = timer {
-            t.stop.store(true, Ordering::Release);
-            t.handle.thread().unpark();
-            // The timer body cannot panic; a join error leaves nothing to do.
-            let _ = t.handle.join();
+            t.unpark();
         }
     }
 
     /// Whether sampling is on.
     pub fn is_enabled(&self) -> bool {
-        self.gate.load(Ordering::Relaxed) != OFF
+        state_of(self.gate.load(Ordering::Relaxed)) != OFF
     }
 
     /// Whether the time gate is open (for tests and diagnostics).
     pub fn gate_open(&self) -> bool {
-        self.gate.load(Ordering::Relaxed) == OPEN
+        state_of(self.gate.load(Ordering::Relaxed)) == OPEN
     }
 
-    /// Statistics of the pool, with `enabled` from this sampler.
+    /// Statistics of the pool; `enabled` says whether any sampler feeds it.
     pub fn stats(&self) -> Stats {
         self.pool.stats()
     }
@@ -256,6 +352,10 @@ impl Sampler {
     /// allocator's `PRESERVE` flag) are never sampled. Returns the guarded
     /// object if the request was sampled and served; otherwise the caller
     /// allocates normally.
+    ///
+    /// A sampled request captures a stack trace, which may take the dynamic
+    /// loader's lock and allocate: requests that must never block are not
+    /// for this call (the heap never offers its `NOWAIT` requests).
     #[inline]
     pub fn alloc(
         &self,
@@ -264,42 +364,70 @@ impl Sampler {
         cache: CacheTag,
         preservable: bool,
     ) -> Option<NonNull<u8>> {
-        self.alloc_with(size, align, || cache, preservable)
+        let pass = self.pass()?;
+        self.alloc_passed(pass, size, (align, cache), preservable, false)
     }
 
+    /// The gate's fast decision for one request: `None`, it is not sampled
+    /// (one relaxed load while no gate in the process is open; otherwise
+    /// one more, or a thread-local countdown step), or the pass to take to
+    /// [`Sampler::alloc_passed`]. Split so that callers keep the slow path,
+    /// and the work of describing the request, out of line.
     #[inline(always)]
-    fn alloc_with(
-        &self,
-        size: usize,
-        align: usize,
-        cache: impl FnOnce() -> CacheTag,
-        preservable: bool,
-    ) -> Option<NonNull<u8>> {
+    pub(crate) fn pass(&self) -> Option<Pass> {
         if !may_sample() {
             return None;
         }
-        match self.gate.load(Ordering::Relaxed) {
-            OPEN => self.alloc_gated(size, align, cache(), preservable),
+        let word = self.gate.load(Ordering::Relaxed);
+        match state_of(word) {
+            OPEN => Some(Pass::Open(word)),
             COUNT => {
-                let left = COUNTDOWN.with(Cell::get);
-                if left > 1 {
-                    COUNTDOWN.with(|c| c.set(left - 1));
+                let (owner, left) = COUNTDOWN.with(Cell::get);
+                if owner == word && left > 1 {
+                    COUNTDOWN.with(|c| c.set((word, left - 1)));
                     return None;
                 }
-                self.alloc_counted(left, size, align, cache(), preservable)
+                Some(Pass::Counted {
+                    word,
+                    mine: owner == word,
+                    left,
+                })
             }
             _ => None,
         }
     }
 
+    /// The slow path of a request the gate let through: eligibility, the
+    /// gate's bookkeeping, and the pool.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn alloc_passed(
+        &self,
+        pass: Pass,
+        size: usize,
+        req: (usize, CacheTag),
+        preservable: bool,
+        nowait: bool,
+    ) -> Option<NonNull<u8>> {
+        match pass {
+            Pass::Open(word) => self.alloc_gated(word, size, req, preservable, nowait),
+            Pass::Counted { word, mine, left } => {
+                self.alloc_counted(word, mine, left, size, req, preservable, nowait)
+            }
+        }
+    }
+
     /// Whether a request is refused before taking a sample; counted.
-    fn refuse(&self, size: usize, align: usize, preservable: bool) -> bool {
+    fn refuse(&self, size: usize, align: usize, preservable: bool, nowait: bool) -> bool {
         let c = &self.pool.shared().counters;
         if preservable {
             c.skip_excluded.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        if size > kho_core::PAGE_SIZE as usize || align > kho_core::PAGE_SIZE as usize {
+        // A sampled allocation captures a stack (the loader's lock, heap
+        // allocation) and may wait for the pool's page check: not for a
+        // request that must never block.
+        if nowait || size > kho_core::PAGE_SIZE as usize || align > kho_core::PAGE_SIZE as usize {
             c.skip_incompatible.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -309,50 +437,56 @@ impl Sampler {
     #[cold]
     fn alloc_gated(
         &self,
+        word: u64,
         size: usize,
-        align: usize,
-        cache: CacheTag,
+        (align, cache): (usize, CacheTag),
         preservable: bool,
+        nowait: bool,
     ) -> Option<NonNull<u8>> {
         // Ineligible requests leave the gate open for the next one.
-        if self.refuse(size, align, preservable) {
+        if self.refuse(size, align, preservable, nowait) {
             return None;
         }
+        let closed = with_state(word, CLOSED);
         if self
             .gate
-            .compare_exchange(OPEN, CLOSED, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(word, closed, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
             return None;
         }
-        ACTIVE.fetch_sub(1, Ordering::Relaxed);
+        count_active(word, closed);
         self.pool.alloc(size, align, cache)
     }
 
     #[cold]
+    #[allow(clippy::too_many_arguments)]
     fn alloc_counted(
         &self,
+        word: u64,
+        mine: bool,
         left: u32,
         size: usize,
-        align: usize,
-        cache: CacheTag,
+        (align, cache): (usize, CacheTag),
         preservable: bool,
+        nowait: bool,
     ) -> Option<NonNull<u8>> {
         let rate = self.rate.load(Ordering::Relaxed);
-        if left == 0 {
-            // First request on this thread: draw, and count this request.
+        if !mine || left == 0 {
+            // A countdown of another gate, or none yet: draw, and count this
+            // request as the first of the new countdown.
             let n = draw(rate);
             if n > 1 {
-                COUNTDOWN.with(|c| c.set(n - 1));
+                COUNTDOWN.with(|c| c.set((word, n - 1)));
                 return None;
             }
         }
         // The countdown stays at 1 while requests are ineligible.
-        if self.refuse(size, align, preservable) {
-            COUNTDOWN.with(|c| c.set(1));
+        if self.refuse(size, align, preservable, nowait) {
+            COUNTDOWN.with(|c| c.set((word, 1)));
             return None;
         }
-        COUNTDOWN.with(|c| c.set(draw(rate)));
+        COUNTDOWN.with(|c| c.set((word, draw(rate))));
         self.pool.alloc(size, align, cache)
     }
 
@@ -362,25 +496,44 @@ impl Sampler {
         (ptr as usize).wrapping_sub(self.pool_base) < self.pool_len
     }
 
-    /// [`Sampler::alloc`] for allocators that address memory by arena
-    /// offset, tagging the object with its general size class (computed only
-    /// for sampled requests): the sampled object's arena offset.
-    #[inline]
-    pub fn alloc_phys(&self, size: usize, align: usize, preservable: bool) -> Option<PhysAddr> {
-        let p = self.alloc_with(size, align, || CacheTag::size_class(size), preservable)?;
+    /// [`Sampler::alloc_passed`] for allocators that address memory by
+    /// arena offset, tagging the object with its general size class: the
+    /// sampled object's arena offset. `nowait` requests (which must never
+    /// block) are not sampled.
+    pub(crate) fn alloc_phys(
+        &self,
+        pass: Pass,
+        size: usize,
+        align: usize,
+        preservable: bool,
+        nowait: bool,
+    ) -> Option<PhysAddr> {
+        let req = (align, CacheTag::size_class(size));
+        let p = self.alloc_passed(pass, size, req, preservable, nowait)?;
         self.pool.phys_addr(p.as_ptr())
     }
 
     /// Frees the pool object at arena offset `addr`; an offset outside the
-    /// pool is reported as an invalid free.
-    pub fn free_phys(&self, addr: PhysAddr) -> std::result::Result<(), Report> {
+    /// pool is reported as an invalid free. For the heap only: it passes
+    /// the address of an owned object handle that it consumes, which is
+    /// what [`Pool::free`] requires.
+    pub(crate) fn free_phys(&self, addr: PhysAddr) -> std::result::Result<(), Report> {
         let ptr = self.pool.ptr_of(addr).unwrap_or(usize::MAX as *const u8);
-        self.pool.free(ptr)
+        // SAFETY: the heap calls this with the address of an object whose
+        // handle it consumes; the handle was the only one, and every slice of
+        // the object's bytes borrowed it, so none is live and nothing
+        // accesses the object after this free.
+        unsafe { self.pool.free(ptr) }
     }
 
     /// Frees a pool object; see [`Pool::free`].
-    pub fn free(&self, ptr: *const u8) -> std::result::Result<(), Report> {
-        self.pool.free(ptr)
+    ///
+    /// # Safety
+    ///
+    /// As for [`Pool::free`].
+    pub unsafe fn free(&self, ptr: *const u8) -> std::result::Result<(), Report> {
+        // SAFETY: the caller upholds `Pool::free`'s contract.
+        unsafe { self.pool.free(ptr) }
     }
 }
 
@@ -390,22 +543,65 @@ impl Drop for Sampler {
     }
 }
 
+/// The timer thread of the generation `armed` (a `CLOSED` word): opens the
+/// gate once per interval while that generation lasts. It never waits for
+/// an allocation to take the gate, and stops as soon as it sees another
+/// generation in the gate word.
+fn run_timer(gate: &AtomicU64, armed: u64, interval: Duration) {
+    let generation = armed >> 8;
+    let open = with_state(armed, OPEN);
+    loop {
+        let deadline = Instant::now().checked_add(interval);
+        loop {
+            if gate.load(Ordering::Acquire) >> 8 != generation {
+                return;
+            }
+            let now = Instant::now();
+            match deadline {
+                Some(d) if now >= d => break,
+                Some(d) => thread::park_timeout(d - now),
+                None => thread::park(),
+            }
+        }
+        if gate
+            .compare_exchange(armed, open, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+        {
+            count_active(armed, open);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn draw_stays_in_range_with_the_right_mean() {
+    fn draw_is_geometric_with_the_right_mean() {
         assert!((0..1000).all(|_| draw(1) == 1));
-        let n = 20_000u64;
-        let mut sum = 0u64;
+        let n = 40_000u64;
+        let (mut sum, mut ones) = (0u64, 0u64);
         for _ in 0..n {
             let d = draw(10);
-            assert!((1..=19).contains(&d), "{d}");
+            assert!(d >= 1);
             sum += u64::from(d);
+            ones += u64::from(d == 1);
         }
         let mean = sum as f64 / n as f64;
         assert!((9.5..10.5).contains(&mean), "mean {mean}");
-        assert!((1..=u32::MAX).contains(&draw(u32::MAX)));
+        // P(1) = 1/10 for a memoryless draw (a uniform 1..=19 gives 1/19).
+        let p1 = ones as f64 / n as f64;
+        assert!((0.09..0.11).contains(&p1), "P(1) = {p1}");
+        assert!(draw(u32::MAX) >= 1);
+    }
+
+    #[test]
+    fn gate_words_keep_state_and_generation_apart() {
+        let a = fresh_word(CLOSED);
+        let b = fresh_word(CLOSED);
+        assert_ne!(a, b);
+        assert_eq!(state_of(a), CLOSED);
+        assert_eq!(state_of(with_state(a, OPEN)), OPEN);
+        assert_eq!(with_state(a, OPEN) >> 8, a >> 8);
     }
 }

@@ -4,6 +4,12 @@
 use super::sys;
 use super::text::Out;
 
+#[cfg(test)]
+thread_local! {
+    /// Stacks rendered by this thread, for tests of when stacks are taken.
+    pub(crate) static RENDERS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Frames kept per stack.
 pub(crate) const MAX_FRAMES: usize = 16;
 
@@ -20,6 +26,8 @@ const RAW_SKIP: usize = 2;
 /// it, each frame is a return address with its object file and offset, which
 /// `addr2line` resolves offline.
 pub(crate) fn render(symbolize: bool, out: &mut Vec<u8>) -> Option<String> {
+    #[cfg(test)]
+    RENDERS.with(|n| n.set(n.get() + 1));
     if symbolize {
         render_symbolized(out)
     } else {
@@ -107,6 +115,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore)]
     fn symbolized_stack_names_the_caller() {
         let mut out = Vec::new();
         let first = render(true, &mut out);
@@ -121,6 +130,7 @@ mod tests {
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
+    #[cfg_attr(miri, ignore)]
     fn raw_stack_has_frames() {
         let mut out = Vec::new();
         let first = render(false, &mut out);

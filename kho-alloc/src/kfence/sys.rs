@@ -46,6 +46,12 @@ pub(crate) fn thread_id() -> u64 {
     TID.try_with(|t| *t).unwrap_or(0)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's next [`protect`] fail, for tests of that path.
+    pub(crate) static FAIL_PROTECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Makes `addr..addr + len` accessible (read/write) or inaccessible.
 /// Async-signal-safe. Returns the errno on failure.
 ///
@@ -56,6 +62,10 @@ pub(crate) fn thread_id() -> u64 {
 ///   than the pool's own transient ones may point into it when it is made
 ///   inaccessible.
 pub(crate) unsafe fn protect(addr: usize, len: usize, accessible: bool) -> Result<(), i32> {
+    #[cfg(test)]
+    if FAIL_PROTECT.with(|f| f.replace(false)) {
+        return Err(libc::ENOMEM);
+    }
     let prot = if accessible {
         libc::PROT_READ | libc::PROT_WRITE
     } else {
@@ -297,6 +307,25 @@ unsafe extern "C" fn collect_segment(
         }
     }
     0
+}
+
+/// Builds, in normal context, what [`describe_ip_loaded`] reads and what
+/// stack capture loads on first use, so that the fault handler finds both
+/// ready.
+pub(crate) fn preload() {
+    let _ = segments();
+    let mut ips = [0usize; 1];
+    let _ = capture_ips(&mut ips);
+}
+
+/// The loaded object holding `ip` and the offset from its load base, from
+/// the segment table if [`preload`] built it. Async-signal-safe: it reads
+/// the table and never loads, locks or allocates.
+pub(crate) fn describe_ip_loaded(ip: usize) -> Option<(&'static str, usize)> {
+    let segs = SEGMENTS.get()?;
+    let i = segs.partition_point(|s| s.start <= ip);
+    let seg = segs.get(i.checked_sub(1)?)?;
+    (ip < seg.end).then(|| (seg.object.as_str(), ip - seg.base))
 }
 
 /// Describes the code address `ip`: the loaded object holding it and the
