@@ -223,12 +223,13 @@ impl<'a> Image<'a> {
     /// # Robustness
     ///
     /// For any input (FORMAT.md §8): no panic, only a [`ParseError`]
-    /// naming an offset inside the input; memory bounded by a small multiple
-    /// of the input length (the decoded tree, proportional to the TREE
-    /// section, and a fixed table of per-order cursors); time linear in the
-    /// input length (at most 19 orders, see FORMAT.md §6). The
-    /// `image_parse` fuzz target checks these, walking and restoring every
-    /// image that parses.
+    /// naming an offset no greater than the input's length; memory bounded
+    /// by a small multiple of the input length (only the decoded tree is
+    /// allocated, see [`Tree::decode`]); time linear in the input length:
+    /// every check is one pass over its records or a merge of sorted
+    /// records, some once per order present (at most 19, FORMAT.md §6).
+    /// The `image_parse` fuzz target checks these, walking and restoring
+    /// every image that parses.
     pub fn parse(bytes: &'a [u8]) -> ParseResult<Image<'a>> {
         Self::parse_with(bytes, &TreeLimits::DEFAULT)
     }
@@ -672,11 +673,15 @@ impl<'a> Image<'a> {
             SectionKind::Kfence => self.kfence,
             _ => self.scratch,
         };
+        // The ranges are sorted and disjoint, so per order a cursor over the
+        // blocks only moves forward: the check is one merge of the ranges
+        // with each order's blocks, not a search per range.
+        let mut cursors = [0usize; NR_ORDERS];
         for (i, r) in ranges.iter().enumerate() {
             let (start, len) = (r.start.get(), r.len.get());
             let first = start >> PAGE_SHIFT;
             let end = first + (len >> PAGE_SHIFT);
-            if let Some((pfn, order)) = self.first_preserved_in(first, end) {
+            if let Some((pfn, order)) = self.first_preserved_in(first, end, &mut cursors) {
                 return Err(ParseError::PreservedInRange {
                     offset: offset + (i * 16) as u64,
                     kind,
@@ -691,22 +696,38 @@ impl<'a> Image<'a> {
     }
 
     /// The lowest-addressed preserved folio intersecting pages
-    /// `[first, end)`, as `(head, order)`.
-    fn first_preserved_in(&self, first: u64, end: u64) -> Option<(u64, u8)> {
+    /// `[first, end)`, as `(head, order)`. `cursors[o]` is the first block
+    /// of order `o` that may meet this range or a later one; the blocks
+    /// before it end at or below `first`, and it moves past the blocks that
+    /// end at or below this range's start.
+    fn first_preserved_in(
+        &self,
+        first: u64,
+        end: u64,
+        cursors: &mut [usize; NR_ORDERS],
+    ) -> Option<(u64, u8)> {
         let mut best: Option<(u64, u8)> = None;
         if first >= end {
             return None;
         }
         for (order, &(lo, hi)) in self.spans.iter().enumerate() {
-            let order = order as u8;
             let blocks = &self.blocks[lo..hi];
+            let cursor = &mut cursors[order];
+            let order = order as u8;
             if blocks.is_empty() {
                 continue;
             }
             let span = span(order);
-            let from = first & !(span - 1);
-            let start_bi = blocks.partition_point(|b| b.base_pfn() < from);
-            for b in &blocks[start_bi..] {
+            while blocks
+                .get(*cursor)
+                .is_some_and(|b| b.base_pfn().saturating_add(span) <= first)
+            {
+                *cursor += 1;
+            }
+            // The blocks from the cursor on start below `end` until one
+            // does not: each meets the range. They stay for the next range,
+            // which a block may meet too.
+            for b in blocks.get(*cursor..).unwrap_or(&[]) {
                 let base = b.base_pfn();
                 if base >= end {
                     break;
@@ -726,6 +747,34 @@ impl<'a> Image<'a> {
             }
         }
         best
+    }
+
+    /// Whether `pfn` is the head of a preserved folio of exactly `order`.
+    /// `cursor` indexes the blocks of `order` and only moves forward, so
+    /// the PFNs asked for one order must not decrease. The blocks are
+    /// checked free of cross-order overlaps, so a bit of `order` at `pfn`
+    /// is the only folio holding it.
+    fn heads_folio(&self, pfn: u64, order: Order, cursor: &mut usize) -> bool {
+        let (lo, hi) = self.spans[order.index()];
+        let blocks = &self.blocks[lo..hi];
+        let span = span(order.get());
+        while blocks
+            .get(*cursor)
+            .is_some_and(|b| b.base_pfn().saturating_add(span) <= pfn)
+        {
+            *cursor += 1;
+        }
+        let Some(b) = blocks.get(*cursor) else {
+            return false;
+        };
+        let base = b.base_pfn();
+        if pfn < base || pfn & (order.pages() - 1) != 0 {
+            return false;
+        }
+        let idx = (pfn - base) >> order.get();
+        b.bits
+            .get((idx / 64) as usize)
+            .is_some_and(|w| w.get() >> (idx % 64) & 1 != 0)
     }
 
     fn check_slab(&self, bytes: &'a [u8], offset: u64) -> ParseResult<SlabSection<'a>> {
@@ -779,6 +828,9 @@ impl<'a> Image<'a> {
 
         let mut prev_pfn = None;
         let mut next_word = 0u64;
+        // Pages are sorted by PFN: per order, a cursor over the blocks only
+        // moves forward.
+        let mut cursors = [0usize; NR_ORDERS];
         for (i, p) in pages.iter().enumerate() {
             let off = pages_off + (i * SLAB_PAGE_SIZE) as u64;
             let pfn = p.pfn.get();
@@ -818,16 +870,13 @@ impl<'a> Image<'a> {
                 });
             }
             let order = Order::new(p.order).unwrap_or(Order::MAX);
-            match self.is_preserved(Pfn(pfn)) {
-                Some((head, o)) if head.0 == pfn && o == order => {}
-                found => {
-                    return Err(ParseError::SlabPageNotPreserved {
-                        offset: off,
-                        pfn,
-                        order: p.order,
-                        found: found.map(|(h, o)| (h.0, o.get())),
-                    })
-                }
+            if !self.heads_folio(pfn, order, &mut cursors[order.index()]) {
+                return Err(ParseError::SlabPageNotPreserved {
+                    offset: off,
+                    pfn,
+                    order: p.order,
+                    found: self.is_preserved(Pfn(pfn)).map(|(h, o)| (h.0, o.get())),
+                });
             }
             let size = p.object_size.get();
             if size != cache.object_size.get() {
