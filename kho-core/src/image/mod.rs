@@ -53,7 +53,6 @@ pub mod layout;
 mod parse;
 mod restore;
 mod slab;
-#[doc(hidden)]
 pub mod testing;
 mod walk;
 
