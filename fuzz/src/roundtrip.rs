@@ -9,6 +9,8 @@
 //! the default limits), so every build must succeed.
 
 use arbitrary::{Arbitrary, Unstructured};
+
+use super::image::HeapCap;
 use kho_core::{
     Extent, Image, ImageBuilder, Node, Order, ParseError, Pfn, PhysAddr, PhysRange, PreservedMap,
     SlabCacheInfo, SlabPageInfo, Tree, Value, MAX_MAP_ORDER, PAGE_SHIFT, PAGE_SIZE,
@@ -103,13 +105,19 @@ struct Input {
     flip: u8,
 }
 
-/// Run one round trip from raw fuzzer bytes.
+/// [`run_capped`] without a heap cap.
 pub fn run(data: &[u8]) {
+    run_capped(data, HeapCap::NONE);
+}
+
+/// Run one round trip from raw fuzzer bytes, parsing the image it builds
+/// under `cap`.
+pub fn run_capped(data: &[u8], cap: HeapCap) {
     let mut u = Unstructured::new(data);
     let Ok(input) = Input::arbitrary(&mut u) else {
         return;
     };
-    round_trip(&input);
+    round_trip(&input, cap);
 }
 
 /// A string made valid as a tree name: no `/` or NUL, at most `max` bytes,
@@ -344,7 +352,7 @@ fn build_tree(input: &Input) -> Tree {
     Tree::new(root)
 }
 
-fn round_trip(input: &Input) {
+fn round_trip(input: &Input, cap: HeapCap) {
     let pages = 1u64 << (4 + input.arena_log % 19);
     let arena = pages * PAGE_SIZE;
     let map = build_map(input, pages);
@@ -372,7 +380,7 @@ fn round_trip(input: &Input) {
     };
     assert_eq!(bytes.len() as u64, builder.encoded_len());
 
-    let image = match Image::parse(&bytes) {
+    let image = match cap.around(bytes.len(), || Image::parse(&bytes)) {
         Ok(i) => i,
         Err(e) => panic!("the reader rejected what the builder wrote: {e}"),
     };
