@@ -116,7 +116,9 @@ pub enum ParseError {
         /// The size found.
         found: u64,
     },
-    /// `image_len` is larger than the input: the image was cut short.
+    /// `image_len` is larger than the input: the image was cut short. (It
+    /// also guards every later read of a range the header or table
+    /// located, which the checks before it already keep inside the input.)
     #[error("truncated at {offset:#x}: need {expected:#x} bytes, have {found:#x}")]
     Truncated {
         /// The input's end, where the missing bytes would start.
