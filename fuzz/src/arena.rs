@@ -18,17 +18,25 @@ use kho_alloc::superblock::{self, Superblock, RAW_SIZE};
 use kho_core::{Image, PAGE_SIZE};
 use zerocopy::IntoBytes;
 
+use super::image::HeapCap;
+
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// Run one input as given and with its CRCs recomputed.
+/// [`run_capped`] without a heap cap.
 pub fn run(data: &[u8]) {
+    run_capped(data, HeapCap::NONE);
+}
+
+/// Run one input as given and with its CRCs recomputed, every parse under
+/// `cap`.
+pub fn run_capped(data: &[u8], cap: HeapCap) {
     let Some((len, file)) = split(data) else {
         return;
     };
-    open(len, file);
+    open(len, file, cap);
     let mut fixed = file.to_vec();
     if fix_crcs(&mut fixed) {
-        open(len, &fixed);
+        open(len, &fixed, cap);
     }
 }
 
@@ -48,13 +56,13 @@ fn page(file: &[u8], index: usize) -> [u8; PAGE] {
     out
 }
 
-fn open(file_len: u64, file: &[u8]) {
+fn open(file_len: u64, file: &[u8], cap: HeapCap) {
     if file_len < MIN_ARENA_SIZE {
         // `Arena::open` refuses such a file before reading it.
         return;
     }
     let (p0, p1) = (page(file, 0), page(file, 1));
-    let chosen = superblock::select(&p0, &p1, file_len);
+    let chosen = cap.around(2 * PAGE, || superblock::select(&p0, &p1, file_len));
     let s0 = Superblock::decode(&p0, 0, file_len);
     let s1 = Superblock::decode(&p1, PAGE_SIZE, file_len);
     for s in [&s0, &s1].into_iter().flatten() {
@@ -112,7 +120,7 @@ fn open(file_len: u64, file: &[u8]) {
     if crc32fast::hash(bytes) != loc.crc {
         return;
     }
-    if let Ok(image) = Image::parse(bytes) {
+    if let Ok(image) = cap.around(bytes.len(), || Image::parse(bytes)) {
         super::image::walk(&image);
     }
 }

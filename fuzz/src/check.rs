@@ -16,17 +16,25 @@
 use kho_alloc::check::{self, code_info, CheckOptions, CheckReport};
 use kho_alloc::layout::MIN_ARENA_SIZE;
 
+use super::image::HeapCap;
+
 /// Largest arena the target builds: 4 MiB.
 pub const MAX_ARENA: u64 = 4 << 20;
 
-/// Run one input.
+/// [`run_capped`] without a heap cap.
 pub fn run(data: &[u8]) {
+    run_capped(data, HeapCap::NONE);
+}
+
+/// Run one input, every check under `cap`.
+pub fn run_capped(data: &[u8], cap: HeapCap) {
     let opts = CheckOptions {
         show_bytes: true,
         max_offsets: 4,
         sample_len: 32,
     };
-    report(check::check(data, &opts, &mut |_, _| {}), &opts, data.len());
+    let got = cap.around(data.len(), || check::check(data, &opts, &mut |_, _| {}));
+    report(got, &opts, data.len());
 
     let Some((len, head)) = data.split_first_chunk::<8>() else {
         return;
@@ -36,15 +44,17 @@ pub fn run(data: &[u8]) {
     let mut arena = vec![0u8; len as usize];
     let n = head.len().min(arena.len());
     arena[..n].copy_from_slice(&head[..n]);
-    arena_once(&arena, &opts);
+    arena_once(&arena, &opts, cap);
     if super::arena::fix_crcs(&mut arena) {
-        arena_once(&arena, &opts);
+        arena_once(&arena, &opts, cap);
     }
 }
 
-fn arena_once(arena: &[u8], opts: &CheckOptions) {
-    let got = check::check_arena(arena, opts, &mut |done, total| {
-        assert!(done <= total, "progress {done} of {total}");
+fn arena_once(arena: &[u8], opts: &CheckOptions, cap: HeapCap) {
+    let got = cap.around(arena.len(), || {
+        check::check_arena(arena, opts, &mut |done, total| {
+            assert!(done <= total, "progress {done} of {total}");
+        })
     });
     report(got, opts, arena.len());
 }

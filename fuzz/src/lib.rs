@@ -8,9 +8,12 @@
 //!
 //! A target panics only when an invariant the library promises is broken;
 //! rejections of bad input are the expected outcome and are not failures.
+//! The binaries also cap the heap around every parser call ([`mem`]), so a
+//! parse that holds more memory than its input allows aborts.
 
 pub mod arena;
 pub mod check;
 pub mod image;
+pub mod mem;
 pub mod roundtrip;
 pub mod tree;

@@ -9,6 +9,8 @@
 //! the default limits), so every build must succeed.
 
 use arbitrary::{Arbitrary, Unstructured};
+
+use super::image::HeapCap;
 use kho_core::{
     Extent, Image, ImageBuilder, Node, Order, ParseError, Pfn, PhysAddr, PhysRange, PreservedMap,
     SlabCacheInfo, SlabPageInfo, Tree, Value, MAX_MAP_ORDER, PAGE_SHIFT, PAGE_SIZE,
@@ -47,11 +49,12 @@ struct CacheReq {
 
 #[derive(Debug, Arbitrary)]
 struct SlabPageReq {
-    /// Which preserved folio.
+    /// Which preserved folio of the cache's order.
     folio: u16,
     /// Which cache.
     cache: u8,
-    object_count: u16,
+    /// Reduced to a multiple of the cache's alignment that keeps the
+    /// objects inside the folio.
     first_offset: u16,
     bitmap: Vec<u64>,
 }
@@ -102,13 +105,19 @@ struct Input {
     flip: u8,
 }
 
-/// Run one round trip from raw fuzzer bytes.
+/// [`run_capped`] without a heap cap.
 pub fn run(data: &[u8]) {
+    run_capped(data, HeapCap::NONE);
+}
+
+/// Run one round trip from raw fuzzer bytes, parsing the image it builds
+/// under `cap`.
+pub fn run_capped(data: &[u8], cap: HeapCap) {
     let mut u = Unstructured::new(data);
     let Ok(input) = Input::arbitrary(&mut u) else {
         return;
     };
-    round_trip(&input);
+    round_trip(&input, cap);
 }
 
 /// A string made valid as a tree name: no `/` or NUL, at most `max` bytes,
@@ -197,37 +206,49 @@ fn build_slab(
             continue;
         }
         let order = Order::new(c.order % 4).unwrap_or(Order::ZERO);
-        let object_size = u32::from(c.object_size).max(1);
+        let align = 1u32 << (c.align_log % 13);
+        // A non-zero multiple of the alignment that fits the folio; the
+        // alignment itself (at most a page) always does.
+        let mut object_size = (u32::from(c.object_size) % order.bytes() as u32)
+            .max(1)
+            .next_multiple_of(align);
+        if u64::from(object_size) > order.bytes() {
+            object_size = align;
+        }
         let fit = order.bytes() / u64::from(object_size);
-        let per = u64::from(c.objects_per_slab).min(fit);
+        let per = u64::from(c.objects_per_slab) % fit + 1;
         caches.push(SlabCacheInfo {
             id: c.id,
             name: truncate(&c.name.replace('\0', ""), 32),
             object_size,
-            align: 1 << (c.align_log % 13),
+            align,
             objects_per_slab: per as u32,
             order,
         });
     }
     let mut pages: Vec<SlabPageInfo> = Vec::new();
-    if caches.is_empty() || folios.is_empty() {
+    if caches.is_empty() {
         return (caches, pages);
     }
     for p in input.slab_pages.iter().take(32) {
-        let folio = folios[usize::from(p.folio) % folios.len()];
+        let cache = &caches[usize::from(p.cache) % caches.len()];
+        // A slab page is a preserved folio of exactly its cache's order.
+        let candidates: Vec<&kho_core::Folio> =
+            folios.iter().filter(|f| f.order == cache.order).collect();
+        if candidates.is_empty() {
+            continue;
+        }
+        let folio = *candidates[usize::from(p.folio) % candidates.len()];
         if pages.iter().any(|q| q.pfn == folio.pfn) {
             continue;
         }
-        let cache = &caches[usize::from(p.cache) % caches.len()];
-        let size = u64::from(cache.object_size);
-        let first_offset = u64::from(p.first_offset) % 4096;
-        let Some(room) = folio.bytes().checked_sub(first_offset) else {
-            continue;
-        };
-        let count = (u64::from(p.object_count) % 4096 + 1).min(room / size);
-        if count == 0 {
-            continue;
-        }
+        let (size, count, align) = (
+            u64::from(cache.object_size),
+            u64::from(cache.objects_per_slab),
+            u64::from(cache.align),
+        );
+        let room = folio.bytes() - size * count;
+        let first_offset = (u64::from(p.first_offset) % (room / align + 1)) * align;
         let words = count.div_ceil(64) as usize;
         let mut bitmap: Vec<u64> = (0..words)
             .map(|i| p.bitmap.get(i).copied().unwrap_or(0))
@@ -331,7 +352,7 @@ fn build_tree(input: &Input) -> Tree {
     Tree::new(root)
 }
 
-fn round_trip(input: &Input) {
+fn round_trip(input: &Input, cap: HeapCap) {
     let pages = 1u64 << (4 + input.arena_log % 19);
     let arena = pages * PAGE_SIZE;
     let map = build_map(input, pages);
@@ -359,7 +380,7 @@ fn round_trip(input: &Input) {
     };
     assert_eq!(bytes.len() as u64, builder.encoded_len());
 
-    let image = match Image::parse(&bytes) {
+    let image = match cap.around(bytes.len(), || Image::parse(&bytes)) {
         Ok(i) => i,
         Err(e) => panic!("the reader rejected what the builder wrote: {e}"),
     };

@@ -7,10 +7,17 @@
 
 use kho_core::{Tree, TreeLimits};
 
-/// Decode `data`; on success, walk, re-encode and decode again.
+use super::image::HeapCap;
+
+/// [`run_capped`] without a heap cap.
 pub fn run(data: &[u8]) {
+    run_capped(data, HeapCap::NONE);
+}
+
+/// Decode `data` under `cap`; on success, walk, re-encode and decode again.
+pub fn run_capped(data: &[u8], cap: HeapCap) {
     let limits = TreeLimits::default();
-    match Tree::decode(data, &limits) {
+    match cap.around(data.len(), || Tree::decode(data, &limits)) {
         Ok(tree) => {
             let bytes = tree
                 .encode_with(&limits)

@@ -4,18 +4,29 @@
 //! - `mixed`: 48 GiB interleaved as 1 GiB runs of orders 18, 9 and 0;
 //! - `sparse`: 1,000,000 isolated order-0 folios scattered over 1 TiB.
 //!
-//! For each: building the map, serializing, parsing with full validation
-//! (CRCs included) against a `memcpy` and a bare CRC32 of the same bytes in
-//! the same run, walking every folio and every range, and bulk restore. The
+//! For each: building the map with the bulk APIs and one folio per call,
+//! serializing, parsing with full validation (CRCs included) against a
+//! `memcpy` and a bare CRC32 of the same bytes in the same run, walking
+//! every folio and every range, bulk restore and point queries. The
 //! image-size figures are printed on stderr.
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use kho_core::{Image, ImageBuilder, Order, Pfn, PreservedMap, Restorer};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
+};
+use kho_core::{Image, ImageBuilder, Order, ParseError, Pfn, PreservedMap, Restorer, SectionKind};
 
 const GIB_PAGES: u64 = 1 << 18;
+
+/// A map and how to build it: with the bulk APIs, or one `preserve` call
+/// per folio.
+struct Scenario {
+    name: &'static str,
+    bulk: fn() -> (u64, PreservedMap),
+    per_folio: fn() -> (u64, PreservedMap),
+}
 
 fn dense0() -> (u64, PreservedMap) {
     let arena = 64 << 30;
@@ -25,15 +36,45 @@ fn dense0() -> (u64, PreservedMap) {
     (arena, map)
 }
 
+fn dense0_per_folio() -> (u64, PreservedMap) {
+    let arena = 64 << 30;
+    let mut map = PreservedMap::new(Pfn(arena >> 12));
+    for p in 0..48 * GIB_PAGES {
+        map.preserve(Pfn(p), Order::ZERO).unwrap();
+    }
+    (arena, map)
+}
+
+/// The runs of the mixed map: `(first pfn, order, folios)`, 1 GiB each.
+fn mixed_runs() -> impl Iterator<Item = (Pfn, Order, u64)> {
+    (0..16u64).flat_map(|chunk| {
+        let base = chunk * 3 * GIB_PAGES;
+        [18u8, 9, 0].into_iter().enumerate().map(move |(k, o)| {
+            let order = Order::new(o).unwrap();
+            (
+                Pfn(base + k as u64 * GIB_PAGES),
+                order,
+                GIB_PAGES >> order.get(),
+            )
+        })
+    })
+}
+
 fn mixed() -> (u64, PreservedMap) {
     let arena = 64 << 30;
     let mut map = PreservedMap::new(Pfn(arena >> 12));
-    for chunk in 0..16u64 {
-        let base = chunk * 3 * GIB_PAGES;
-        for (k, order) in [18u8, 9, 0].into_iter().enumerate() {
-            let order = Order::new(order).unwrap();
-            let start = Pfn(base + k as u64 * GIB_PAGES);
-            map.preserve_folios(start, order, GIB_PAGES >> order.get())
+    for (start, order, count) in mixed_runs() {
+        map.preserve_folios(start, order, count).unwrap();
+    }
+    (arena, map)
+}
+
+fn mixed_per_folio() -> (u64, PreservedMap) {
+    let arena = 64 << 30;
+    let mut map = PreservedMap::new(Pfn(arena >> 12));
+    for (start, order, count) in mixed_runs() {
+        for i in 0..count {
+            map.preserve(Pfn(start.0 + (i << order.get())), order)
                 .unwrap();
         }
     }
@@ -61,6 +102,17 @@ fn sparse() -> (u64, PreservedMap) {
     (arena, map)
 }
 
+/// Isolated folios have no larger bulk form: the bulk API on one page each
+/// (its decomposition cost on the smallest input).
+fn sparse_bulk() -> (u64, PreservedMap) {
+    let arena = 1 << 40;
+    let mut map = PreservedMap::new(Pfn(arena >> 12));
+    for pfn in sparse_pfns() {
+        map.preserve_range(pfn.addr().unwrap(), 4096).unwrap();
+    }
+    (arena, map)
+}
+
 fn config(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     group
         .sample_size(10)
@@ -80,20 +132,43 @@ fn report(name: &str, map: &PreservedMap, bytes: &[u8]) {
     );
 }
 
-fn scenario(c: &mut Criterion, name: &str, make: fn() -> (u64, PreservedMap)) {
-    let (arena, map) = make();
+fn scenario(c: &mut Criterion, s: &Scenario) {
+    let name = s.name;
+    let (arena, map) = (s.bulk)();
+    assert_eq!((s.per_folio)().1, map, "{name}: both builds agree");
     let bytes = ImageBuilder::new(arena).memmap(&map).build().unwrap();
     report(name, &map, &bytes);
+    // parse_validate must cover every byte with its CRC: the last MEMMAP
+    // byte changed is a section CRC error.
+    let memmap = Image::parse(&bytes)
+        .unwrap()
+        .section(SectionKind::Memmap)
+        .unwrap();
+    let mut bad = bytes.clone();
+    bad[(memmap.offset + memmap.len - 1) as usize] ^= 1;
+    assert!(matches!(
+        Image::parse(&bad),
+        Err(ParseError::SectionCrc { .. })
+    ));
     let folios = map.folio_count();
     let ranges = map.ranges().count() as u64;
 
+    // Builds take up to a second per iteration: one iteration per sample.
+    let mut g = c.benchmark_group(format!("image/{name}/build"));
+    config(&mut g);
+    g.sampling_mode(SamplingMode::Flat);
+    g.throughput(Throughput::Elements(folios));
+    let (bulk, per_folio) = (s.bulk, s.per_folio);
+    g.bench_function("build_map_bulk", |b| {
+        b.iter(|| black_box(bulk()).1.folio_count())
+    });
+    g.bench_function("build_map_per_folio", |b| {
+        b.iter(|| black_box(per_folio()).1.folio_count())
+    });
+    g.finish();
+
     let mut g = c.benchmark_group(format!("image/{name}"));
     config(&mut g);
-
-    g.throughput(Throughput::Elements(folios));
-    g.bench_function("build_map_bulk", |b| {
-        b.iter(|| black_box(make()).1.folio_count())
-    });
 
     g.throughput(Throughput::Bytes(bytes.len() as u64));
     g.bench_function("serialize", |b| {
@@ -150,32 +225,27 @@ fn scenario(c: &mut Criterion, name: &str, make: fn() -> (u64, PreservedMap)) {
     g.finish();
 }
 
-fn per_folio(c: &mut Criterion) {
-    // One folio per call: 1 GiB of order-0 folios, and the sparse set.
-    let mut g = c.benchmark_group("image/per_folio");
-    config(&mut g);
-    g.throughput(Throughput::Elements(GIB_PAGES));
-    g.bench_function("preserve_1GiB_order0", |b| {
-        b.iter(|| {
-            let mut map = PreservedMap::new(Pfn(4 * GIB_PAGES));
-            for p in 0..GIB_PAGES {
-                map.preserve(Pfn(p), Order::ZERO).unwrap();
-            }
-            map.folio_count()
-        })
-    });
-    g.throughput(Throughput::Elements(1_000_000));
-    g.bench_function("preserve_sparse_1M", |b| {
-        b.iter(|| sparse().1.folio_count())
-    });
-    g.finish();
-}
-
 fn benches(c: &mut Criterion) {
-    scenario(c, "dense0", dense0);
-    scenario(c, "mixed", mixed);
-    scenario(c, "sparse", sparse);
-    per_folio(c);
+    let scenarios = [
+        Scenario {
+            name: "dense0",
+            bulk: dense0,
+            per_folio: dense0_per_folio,
+        },
+        Scenario {
+            name: "mixed",
+            bulk: mixed,
+            per_folio: mixed_per_folio,
+        },
+        Scenario {
+            name: "sparse",
+            bulk: sparse_bulk,
+            per_folio: sparse,
+        },
+    ];
+    for s in &scenarios {
+        scenario(c, s);
+    }
 }
 
 criterion_group!(image, benches);

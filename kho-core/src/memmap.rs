@@ -70,14 +70,6 @@ pub enum MapError {
         /// The order given.
         order: u8,
     },
-    /// An order above [`crate::MAX_MAP_ORDER`].
-    #[error("order {order} exceeds the maximum order {max}")]
-    InvalidOrder {
-        /// The order given.
-        order: u8,
-        /// The largest supported order.
-        max: u8,
-    },
     /// A byte range that does not start and end on page boundaries.
     #[error("range {start:#x}+{len:#x} is not page aligned")]
     Unaligned {

@@ -122,7 +122,14 @@
 //! left (a node takes at least 4 bytes, a property at least 3), reserves
 //! space for at most 16 properties on a claim's word and grows only with
 //! what it actually reads, and checks name and value sizes while they are
-//! still borrowed from the input, so memory use follows the input length. In order, the first failing check wins:
+//! still borrowed from the input, so memory use follows the input length:
+//! at most 64 heap bytes per input byte plus 64 KiB. The worst inputs are
+//! the most nodes of 4 to 6 bytes each (about 50 heap bytes per input byte:
+//! a decoded node is 96 bytes, and the canonical-form check re-encodes the
+//! tree); `kho-core/tests/memory.rs` measures them. Lists of a decoded node
+//! that are at most half full are trimmed when the node is complete.
+//!
+//! In order, the first failing check wins:
 //!
 //! 1. input length `<= max_encoded_bytes`, else [`TreeError::TooLarge`];
 //! 2. the version byte is present ([`TreeError::Decode`] at offset 0) and
@@ -1099,7 +1106,10 @@ impl Tree {
         }
         close_to(&mut open, 1);
         let root = match open.pop() {
-            Some((_, root)) => root,
+            Some((_, mut root)) => {
+                trim(&mut root);
+                root
+            }
             None => {
                 return Err(TreeError::Decode {
                     offset: count_at,
@@ -1133,7 +1143,10 @@ impl Tree {
     /// Check every rule and list the nodes in wire form, pre-order, without
     /// recursion.
     fn flatten(&self, limits: &TreeLimits) -> TreeResult<Vec<WireNode<'_>>> {
-        let mut out: Vec<WireNode<'_>> = Vec::new();
+        // Sized once: a list grown by doubling holds up to twice its nodes
+        // and, while it moves, three times.
+        let mut out: Vec<WireNode<'_>> =
+            Vec::with_capacity(self.node_count().min(node_cap(limits)));
         // (node, parent index, depth, parent's path); siblings share the
         // parent's path.
         let mut stack: Vec<(&Node, u32, usize, Rc<str>)> = vec![(&self.root, 0, 0, Rc::from(""))];
@@ -1180,12 +1193,29 @@ fn node_cap(limits: &TreeLimits) -> usize {
 }
 
 /// Attach every open node above `keep` entries to its parent.
+///
+/// A closed node has all its children, so lists at most half full are
+/// trimmed: a vector grown one push at a time holds room for at least four
+/// children, which for a chain of single children quadruples the tree.
 fn close_to(open: &mut Vec<(u32, Node)>, keep: usize) {
     while open.len() > keep {
-        let Some((_, node)) = open.pop() else { return };
+        let Some((_, mut node)) = open.pop() else {
+            return;
+        };
+        trim(&mut node);
         if let Some((_, parent)) = open.last_mut() {
             parent.children.push(node);
         }
+    }
+}
+
+/// Drop the spare room of a node's lists when it is at least their length.
+fn trim(node: &mut Node) {
+    if node.children.capacity() >= 2 * node.children.len() {
+        node.children.shrink_to_fit();
+    }
+    if node.props.capacity() >= 2 * node.props.len() {
+        node.props.shrink_to_fit();
     }
 }
 

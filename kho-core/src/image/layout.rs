@@ -171,11 +171,12 @@ pub const CACHE_NAME_LEN: usize = 32;
 pub struct RawSlabCache {
     /// 0: cache id, strictly increasing across records.
     pub id: U32,
-    /// 4: object size in bytes, non-zero.
+    /// 4: object size in bytes, a non-zero multiple of `align`.
     pub object_size: U32,
     /// 8: object alignment, a power of two.
     pub align: U32,
-    /// 12: objects per slab page.
+    /// 12: objects per slab page, at least 1, all inside a folio of
+    /// `order`.
     pub objects_per_slab: U32,
     /// 16: order of the cache's slab folios.
     pub order: u8,
@@ -193,15 +194,16 @@ pub struct RawSlabPage {
     pub pfn: U64,
     /// 8: id of the owning cache.
     pub cache_id: U32,
-    /// 12: folio order.
+    /// 12: folio order, equal to the cache's.
     pub order: u8,
     /// 13: reserved, zero.
     pub reserved: [u8; 3],
     /// 16: object size, equal to the cache's.
     pub object_size: U32,
-    /// 20: objects in this slab, non-zero.
+    /// 20: objects in this slab, equal to the cache's `objects_per_slab`.
     pub object_count: U32,
-    /// 24: offset of object 0 from the folio start.
+    /// 24: offset of object 0 from the folio start, a multiple of the
+    /// cache's `align`.
     pub first_offset: U32,
     /// 28: number of bitmap words, `ceil(object_count / 64)`.
     pub bitmap_words: U32,

@@ -53,7 +53,6 @@ pub mod layout;
 mod parse;
 mod restore;
 mod slab;
-#[doc(hidden)]
 pub mod testing;
 mod walk;
 
@@ -177,11 +176,11 @@ pub struct SlabCacheInfo {
     pub id: u32,
     /// Name, at most 32 bytes of UTF-8 without NUL.
     pub name: String,
-    /// Object size in bytes.
+    /// Object size in bytes, a non-zero multiple of `align`.
     pub object_size: u32,
     /// Object alignment, a power of two.
     pub align: u32,
-    /// Objects per slab page.
+    /// Objects per slab page, at least 1 and all inside a folio of `order`.
     pub objects_per_slab: u32,
     /// Order of the cache's slab folios.
     pub order: Order,
@@ -194,13 +193,14 @@ pub struct SlabPageInfo {
     pub pfn: Pfn,
     /// The owning cache.
     pub cache_id: u32,
-    /// Folio order.
+    /// Folio order, equal to the cache's.
     pub order: Order,
     /// Object size, equal to the cache's.
     pub object_size: u32,
-    /// Objects in this slab.
+    /// Objects in this slab, equal to the cache's `objects_per_slab`.
     pub object_count: u32,
-    /// Offset of object 0 from the folio start.
+    /// Offset of object 0 from the folio start, a multiple of the cache's
+    /// `align`; the objects must end inside the folio.
     pub first_offset: u32,
     /// Allocation bitmap, bit `i` for object `i`; exactly
     /// `ceil(object_count / 64)` words.

@@ -16,7 +16,7 @@ use crate::addr::{
 };
 use crate::memmap::{BlockBits, Ranges, BLOCK_BITS, BLOCK_WORDS};
 
-use super::slab::{name_len, name_of, SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView};
+use super::slab::{name_len, SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView};
 use super::walk::{Coalesced, ImageFolios, ImageRanges, OrderRuns};
 use crate::tree::{Tree, TreeLimits};
 
@@ -115,22 +115,22 @@ impl fmt::Debug for Image<'_> {
     }
 }
 
-/// `bytes[off..off + len]`, or a truncation error.
+/// `bytes[off..off + len]`, or a truncation error at the end of `bytes`.
+///
+/// Every caller has checked the range against the header or table first,
+/// so the error is a guard, never the first check a range meets.
 fn sub(bytes: &[u8], off: u64, len: u64) -> ParseResult<&[u8]> {
     let end = off.checked_add(len);
     let usable = |v: u64| usize::try_from(v).ok();
-    match (usable(off), end.and_then(usable)) {
-        (Some(s), Some(e)) if e <= bytes.len() => bytes.get(s..e).ok_or(ParseError::Truncated {
-            offset: off,
-            expected: len,
-            found: bytes.len() as u64,
-        }),
-        _ => Err(ParseError::Truncated {
-            offset: off,
-            expected: end.unwrap_or(u64::MAX),
-            found: bytes.len() as u64,
-        }),
-    }
+    let range = match (usable(off), end.and_then(usable)) {
+        (Some(s), Some(e)) => bytes.get(s..e),
+        _ => None,
+    };
+    range.ok_or(ParseError::Truncated {
+        offset: bytes.len() as u64,
+        expected: end.unwrap_or(u64::MAX),
+        found: bytes.len() as u64,
+    })
 }
 
 /// The first non-zero byte of `bytes`, as `(offset, value)` with `base` the
@@ -142,23 +142,34 @@ fn first_nonzero(bytes: &[u8], base: u64) -> Option<(u64, u8)> {
         .map(|i| (base + i as u64, bytes[i]))
 }
 
-fn zero_padding(bytes: &[u8], from: u64, to: u64) -> ParseResult<()> {
+fn zero_padding(bytes: &[u8], from: u64, to: u64, gap: &'static str) -> ParseResult<()> {
     if to <= from {
         return Ok(());
     }
     match first_nonzero(sub(bytes, from, to - from)?, from) {
-        Some((offset, found)) => Err(ParseError::Padding { offset, found }),
+        Some((offset, found)) => Err(ParseError::Padding {
+            offset,
+            gap,
+            expected: 0,
+            found,
+        }),
         None => Ok(()),
     }
 }
 
-fn reserved_bytes(bytes: &[u8], offset: u64) -> ParseResult<()> {
+fn reserved_bytes(bytes: &[u8], offset: u64, field: &'static str) -> ParseResult<()> {
     match first_nonzero(bytes, offset) {
-        Some((offset, found)) => Err(ParseError::Reserved {
-            offset,
-            found: u64::from(found),
-        }),
+        Some((offset, found)) => Err(reserved(offset, field, u64::from(found))),
         None => Ok(()),
+    }
+}
+
+fn reserved(offset: u64, field: &'static str, found: u64) -> ParseError {
+    ParseError::Reserved {
+        offset,
+        field,
+        expected: 0,
+        found,
     }
 }
 
@@ -171,7 +182,7 @@ fn records<T: FromBytes + zerocopy::KnownLayout + zerocopy::Immutable>(
     <[T]>::ref_from_bytes(bytes).map_err(|_| ParseError::SectionLength {
         offset,
         kind,
-        expected: (bytes.len() as u64 / size) * size,
+        expected: size,
         found: bytes.len() as u64,
     })
 }
@@ -212,12 +223,13 @@ impl<'a> Image<'a> {
     /// # Robustness
     ///
     /// For any input (FORMAT.md §8): no panic, only a [`ParseError`]
-    /// naming an offset inside the input; memory bounded by a small multiple
-    /// of the input length (the decoded tree, proportional to the TREE
-    /// section, and a fixed table of per-order cursors); time linear in the
-    /// input length (at most 19 orders, see FORMAT.md §6). The
-    /// `image_parse` fuzz target checks these, walking and restoring every
-    /// image that parses.
+    /// naming an offset no greater than the input's length; memory bounded
+    /// by a small multiple of the input length (only the decoded tree is
+    /// allocated, see [`Tree::decode`]); time linear in the input length:
+    /// every check is one pass over its records or a merge of sorted
+    /// records, some once per order present (at most 19, FORMAT.md §6).
+    /// The `image_parse` fuzz target checks these, walking and restoring
+    /// every image that parses.
     pub fn parse(bytes: &'a [u8]) -> ParseResult<Image<'a>> {
         Self::parse_with(bytes, &TreeLimits::DEFAULT)
     }
@@ -227,8 +239,8 @@ impl<'a> Image<'a> {
         let input_len = bytes.len() as u64;
         // 1. Length.
         let Ok((raw, _)) = RawHeader::ref_from_prefix(bytes) else {
-            return Err(ParseError::Truncated {
-                offset: 0,
+            return Err(ParseError::HeaderTruncated {
+                offset: input_len,
                 expected: HEADER_SIZE as u64,
                 found: input_len,
             });
@@ -295,7 +307,7 @@ impl<'a> Image<'a> {
         // 8. Section contents.
         let section = |k: SectionKind| -> ParseResult<(u64, &'a [u8])> {
             match k.index().and_then(|i| located[i]) {
-                Some((off, len)) => Ok((off, sub(image, off, len)?)),
+                Some(l) => Ok((l.offset, sub(image, l.offset, l.len)?)),
                 None => Ok((0, &[])),
             }
         };
@@ -352,7 +364,11 @@ impl<'a> Image<'a> {
         if let Some((offset, found)) =
             first_nonzero(head.get(HEADER_SIZE..).unwrap_or(&[]), HEADER_SIZE as u64)
         {
-            return Err(ParseError::HeaderTail { offset, found });
+            return Err(ParseError::HeaderTail {
+                offset,
+                expected: 0,
+                found,
+            });
         }
         if raw.page_shift.get() != PAGE_SHIFT {
             return Err(ParseError::PageShift {
@@ -364,6 +380,7 @@ impl<'a> Image<'a> {
         if raw.flags.get() != 0 {
             return Err(ParseError::HeaderFlags {
                 offset: 20,
+                expected: 0,
                 found: raw.flags.get(),
             });
         }
@@ -371,6 +388,7 @@ impl<'a> Image<'a> {
         if arena_size % PAGE_SIZE != 0 {
             return Err(ParseError::ArenaSize {
                 offset: 24,
+                expected: PAGE_SIZE,
                 found: arena_size,
             });
         }
@@ -462,6 +480,8 @@ impl<'a> Image<'a> {
                     offset,
                     order,
                     base,
+                    expected: 1,
+                    found: 0,
                 });
             }
             if base.checked_add(span).is_none_or(|end| end > arena_pages) {
@@ -579,13 +599,24 @@ impl<'a> Image<'a> {
             let off = offset + (i * core::mem::size_of::<RawRange>()) as u64;
             let (start, len) = (r.start.get(), r.len.get());
             let range = PhysRange::new(PhysAddr(start), len);
-            if len == 0 || !range.is_page_aligned() {
-                return Err(ParseError::RangeInvalid {
-                    offset: off,
+            if len == 0 {
+                return Err(ParseError::RangeEmpty {
+                    offset: off + 8,
                     kind,
-                    start,
-                    len,
+                    expected: PAGE_SIZE,
+                    found: 0,
                 });
+            }
+            for (field, at, value) in [("start", 0, start), ("len", 8, len)] {
+                if value % PAGE_SIZE != 0 {
+                    return Err(ParseError::RangeUnaligned {
+                        offset: off + at,
+                        kind,
+                        field,
+                        expected: PAGE_SIZE,
+                        found: value,
+                    });
+                }
             }
             if i > 0 && start < prev_end {
                 return Err(ParseError::RangeUnsorted {
@@ -642,11 +673,15 @@ impl<'a> Image<'a> {
             SectionKind::Kfence => self.kfence,
             _ => self.scratch,
         };
+        // The ranges are sorted and disjoint, so per order a cursor over the
+        // blocks only moves forward: the check is one merge of the ranges
+        // with each order's blocks, not a search per range.
+        let mut cursors = [0usize; NR_ORDERS];
         for (i, r) in ranges.iter().enumerate() {
             let (start, len) = (r.start.get(), r.len.get());
             let first = start >> PAGE_SHIFT;
             let end = first + (len >> PAGE_SHIFT);
-            if let Some((pfn, order)) = self.first_preserved_in(first, end) {
+            if let Some((pfn, order)) = self.first_preserved_in(first, end, &mut cursors) {
                 return Err(ParseError::PreservedInRange {
                     offset: offset + (i * 16) as u64,
                     kind,
@@ -661,22 +696,38 @@ impl<'a> Image<'a> {
     }
 
     /// The lowest-addressed preserved folio intersecting pages
-    /// `[first, end)`, as `(head, order)`.
-    fn first_preserved_in(&self, first: u64, end: u64) -> Option<(u64, u8)> {
+    /// `[first, end)`, as `(head, order)`. `cursors[o]` is the first block
+    /// of order `o` that may meet this range or a later one; the blocks
+    /// before it end at or below `first`, and it moves past the blocks that
+    /// end at or below this range's start.
+    fn first_preserved_in(
+        &self,
+        first: u64,
+        end: u64,
+        cursors: &mut [usize; NR_ORDERS],
+    ) -> Option<(u64, u8)> {
         let mut best: Option<(u64, u8)> = None;
         if first >= end {
             return None;
         }
         for (order, &(lo, hi)) in self.spans.iter().enumerate() {
-            let order = order as u8;
             let blocks = &self.blocks[lo..hi];
+            let cursor = &mut cursors[order];
+            let order = order as u8;
             if blocks.is_empty() {
                 continue;
             }
             let span = span(order);
-            let from = first & !(span - 1);
-            let start_bi = blocks.partition_point(|b| b.base_pfn() < from);
-            for b in &blocks[start_bi..] {
+            while blocks
+                .get(*cursor)
+                .is_some_and(|b| b.base_pfn().saturating_add(span) <= first)
+            {
+                *cursor += 1;
+            }
+            // The blocks from the cursor on start below `end` until one
+            // does not: each meets the range. They stay for the next range,
+            // which a block may meet too.
+            for b in blocks.get(*cursor..).unwrap_or(&[]) {
                 let base = b.base_pfn();
                 if base >= end {
                     break;
@@ -698,12 +749,39 @@ impl<'a> Image<'a> {
         best
     }
 
+    /// Whether `pfn` is the head of a preserved folio of exactly `order`.
+    /// `cursor` indexes the blocks of `order` and only moves forward, so
+    /// the PFNs asked for one order must not decrease. The blocks are
+    /// checked free of cross-order overlaps, so a bit of `order` at `pfn`
+    /// is the only folio holding it.
+    fn heads_folio(&self, pfn: u64, order: Order, cursor: &mut usize) -> bool {
+        let (lo, hi) = self.spans[order.index()];
+        let blocks = &self.blocks[lo..hi];
+        let span = span(order.get());
+        while blocks
+            .get(*cursor)
+            .is_some_and(|b| b.base_pfn().saturating_add(span) <= pfn)
+        {
+            *cursor += 1;
+        }
+        let Some(b) = blocks.get(*cursor) else {
+            return false;
+        };
+        let base = b.base_pfn();
+        if pfn < base || pfn & (order.pages() - 1) != 0 {
+            return false;
+        }
+        let idx = (pfn - base) >> order.get();
+        b.bits
+            .get((idx / 64) as usize)
+            .is_some_and(|w| w.get() >> (idx % 64) & 1 != 0)
+    }
+
     fn check_slab(&self, bytes: &'a [u8], offset: u64) -> ParseResult<SlabSection<'a>> {
         let kind = SectionKind::Slab;
         let Ok((h, rest)) = RawSlabHeader::ref_from_prefix(bytes) else {
-            return Err(ParseError::SectionLength {
+            return Err(ParseError::SlabTooShort {
                 offset,
-                kind,
                 expected: SLAB_HEADER_SIZE as u64,
                 found: bytes.len() as u64,
             });
@@ -718,18 +796,18 @@ impl<'a> Image<'a> {
             + pc * SLAB_PAGE_SIZE as u64
             + wc * 8;
         if expected != bytes.len() as u64 {
-            return Err(ParseError::SectionLength {
+            return Err(ParseError::SlabLength {
                 offset,
-                kind,
                 expected,
                 found: bytes.len() as u64,
             });
         }
         if h.reserved.get() != 0 {
-            return Err(ParseError::Reserved {
-                offset: offset + 12,
-                found: u64::from(h.reserved.get()),
-            });
+            return Err(reserved(
+                offset + 12,
+                "slab header reserved",
+                u64::from(h.reserved.get()),
+            ));
         }
         let caches_off = offset + SLAB_HEADER_SIZE as u64;
         let pages_off = caches_off + cc * SLAB_CACHE_SIZE as u64;
@@ -744,44 +822,15 @@ impl<'a> Image<'a> {
         let mut prev_id = None;
         for (i, c) in caches.iter().enumerate() {
             let off = caches_off + (i * SLAB_CACHE_SIZE) as u64;
-            let id = c.id.get();
-            if let Some(p) = prev_id {
-                if id <= p {
-                    return Err(ParseError::SlabCacheUnsorted {
-                        offset: off,
-                        expected: p,
-                        found: id,
-                    });
-                }
-            }
-            prev_id = Some(id);
-            reserved_bytes(&c.reserved, off + 17)?;
-            let field = |field, found: u64| ParseError::SlabCacheField {
-                offset: off,
-                field,
-                found,
-            };
-            let size = u64::from(c.object_size.get());
-            if size == 0 {
-                return Err(field("object_size", 0));
-            }
-            if !c.align.get().is_power_of_two() {
-                return Err(field("align", u64::from(c.align.get())));
-            }
-            let Some(order) = Order::new(c.order) else {
-                return Err(field("order", u64::from(c.order)));
-            };
-            let per = u64::from(c.objects_per_slab.get());
-            if per * size > order.bytes() {
-                return Err(field("objects_per_slab", per));
-            }
-            if name_of(&c.name).is_none() {
-                return Err(field("name", name_len(&c.name) as u64));
-            }
+            check_cache(c, off, prev_id)?;
+            prev_id = Some(c.id.get());
         }
 
         let mut prev_pfn = None;
         let mut next_word = 0u64;
+        // Pages are sorted by PFN: per order, a cursor over the blocks only
+        // moves forward.
+        let mut cursors = [0usize; NR_ORDERS];
         for (i, p) in pages.iter().enumerate() {
             let off = pages_off + (i * SLAB_PAGE_SIZE) as u64;
             let pfn = p.pfn.get();
@@ -795,91 +844,111 @@ impl<'a> Image<'a> {
                 }
             }
             prev_pfn = Some(pfn);
-            reserved_bytes(&p.reserved, off + 13)?;
+            reserved_bytes(&p.reserved, off + 13, "page reserved")?;
             if p.reserved2.get() != 0 {
-                return Err(ParseError::Reserved {
-                    offset: off + 36,
-                    found: u64::from(p.reserved2.get()),
-                });
+                return Err(reserved(
+                    off + 36,
+                    "page reserved2",
+                    u64::from(p.reserved2.get()),
+                ));
             }
-            let field = |field, expected: u64, found: u64| ParseError::SlabPageField {
-                offset: off,
-                field,
-                expected,
-                found,
-            };
             let id = p.cache_id.get();
             let Ok(ci) = caches.binary_search_by_key(&id, |c| c.id.get()) else {
                 return Err(ParseError::SlabUnknownCache {
                     offset: off + 8,
+                    expected: "the id of a cache record",
                     found: id,
                 });
             };
             let cache = &caches[ci];
-            let Some(order) = Order::new(p.order) else {
-                return Err(field("order", u64::from(MAX_MAP_ORDER), u64::from(p.order)));
-            };
-            match self.is_preserved(Pfn(pfn)) {
-                Some((head, o)) if head.0 == pfn && o == order => {}
-                found => {
-                    return Err(ParseError::SlabPageNotPreserved {
-                        offset: off,
-                        pfn,
-                        order: p.order,
-                        found: found.map(|(h, o)| (h.0, o.get())),
-                    })
-                }
+            // The cache record is validated, so its order is.
+            if p.order != cache.order {
+                return Err(ParseError::SlabPageOrder {
+                    offset: off + 12,
+                    expected: cache.order,
+                    found: p.order,
+                });
             }
-            let size = u64::from(p.object_size.get());
-            if size != u64::from(cache.object_size.get()) {
-                return Err(field(
-                    "object_size",
-                    u64::from(cache.object_size.get()),
-                    size,
-                ));
+            let order = Order::new(p.order).unwrap_or(Order::MAX);
+            if !self.heads_folio(pfn, order, &mut cursors[order.index()]) {
+                return Err(ParseError::SlabPageNotPreserved {
+                    offset: off,
+                    pfn,
+                    order: p.order,
+                    found: self.is_preserved(Pfn(pfn)).map(|(h, o)| (h.0, o.get())),
+                });
+            }
+            let size = p.object_size.get();
+            if size != cache.object_size.get() {
+                return Err(ParseError::SlabPageObjectSize {
+                    offset: off + 16,
+                    expected: cache.object_size.get(),
+                    found: size,
+                });
             }
             let count = p.object_count.get();
-            if count == 0 {
-                return Err(field("object_count", 1, 0));
+            if count != cache.objects_per_slab.get() {
+                return Err(ParseError::SlabPageObjectCount {
+                    offset: off + 20,
+                    expected: cache.objects_per_slab.get(),
+                    found: count,
+                });
             }
-            let objects_end = u64::from(p.first_offset.get()) + size * u64::from(count);
+            let first = p.first_offset.get();
+            let align = cache.align.get();
+            if first % align != 0 {
+                return Err(ParseError::SlabPageFirstOffset {
+                    offset: off + 24,
+                    expected: align,
+                    found: first,
+                });
+            }
+            let objects_end = u64::from(first) + u64::from(size) * u64::from(count);
             if objects_end > order.bytes() {
-                return Err(field("objects_end", order.bytes(), objects_end));
+                return Err(ParseError::SlabPageOverflow {
+                    offset: off + 24,
+                    expected: order.bytes(),
+                    found: objects_end,
+                });
             }
-            let nwords = u64::from(count.div_ceil(64));
-            if u64::from(p.bitmap_words.get()) != nwords {
-                return Err(field(
-                    "bitmap_words",
-                    nwords,
-                    u64::from(p.bitmap_words.get()),
-                ));
+            // `count >= 1`: the cache record allows no empty slab.
+            let nwords = count.div_ceil(64);
+            if p.bitmap_words.get() != nwords {
+                return Err(ParseError::SlabPageBitmapWords {
+                    offset: off + 28,
+                    expected: nwords,
+                    found: p.bitmap_words.get(),
+                });
             }
             if u64::from(p.bitmap_index.get()) != next_word {
-                return Err(field(
-                    "bitmap_index",
-                    next_word,
-                    u64::from(p.bitmap_index.get()),
-                ));
+                return Err(ParseError::SlabPageBitmapIndex {
+                    offset: off + 32,
+                    expected: next_word,
+                    found: p.bitmap_index.get(),
+                });
             }
-            let last = next_word + nwords - 1;
-            next_word += nwords;
-            let Some(w) = words.get(last as usize) else {
-                return Err(field("bitmap_index", wc, next_word));
+            next_word += u64::from(nwords);
+            let last = next_word.checked_sub(1).and_then(|i| words.get(i as usize));
+            let Some(w) = last else {
+                return Err(ParseError::SlabBitmapOverrun {
+                    offset: off + 28,
+                    expected: wc,
+                    found: next_word,
+                });
             };
             let tail_bits = count % 64;
             if tail_bits != 0 && w.get() >> tail_bits != 0 {
                 let bit = u64::from(tail_bits + (w.get() >> tail_bits).trailing_zeros());
                 return Err(ParseError::SlabBitmapTail {
-                    offset: words_off + last * 8,
+                    offset: words_off + (next_word - 1) * 8,
                     expected: count,
-                    found: (nwords - 1) * 64 + bit,
+                    found: (u64::from(nwords) - 1) * 64 + bit,
                 });
             }
         }
         if next_word != wc {
-            return Err(ParseError::SlabPageField {
+            return Err(ParseError::SlabWordCount {
                 offset: offset + 8,
-                field: "word_count",
                 expected: next_word,
                 found: wc,
             });
@@ -898,11 +967,19 @@ impl<'a> Image<'a> {
         for (i, e) in extents.iter().enumerate() {
             let off = offset + (i * 24) as u64;
             let (start, len) = (e.start.get(), e.len.get());
-            let Some(end) = start.checked_add(len).filter(|_| len != 0) else {
-                return Err(ParseError::ExtentInvalid {
-                    offset: off,
+            if len == 0 {
+                return Err(ParseError::ExtentEmpty {
+                    offset: off + 8,
+                    expected: 1,
+                    found: 0,
+                });
+            }
+            let Some(end) = start.checked_add(len) else {
+                return Err(ParseError::ExtentOverflow {
+                    offset: off + 8,
                     start,
-                    len,
+                    expected: u64::MAX - start,
+                    found: len,
                 });
             };
             if i > 0 && start < prev_end {
@@ -913,10 +990,11 @@ impl<'a> Image<'a> {
                 });
             }
             if e.reserved.get() != 0 {
-                return Err(ParseError::Reserved {
-                    offset: off + 20,
-                    found: u64::from(e.reserved.get()),
-                });
+                return Err(reserved(
+                    off + 20,
+                    "extent reserved",
+                    u64::from(e.reserved.get()),
+                ));
             }
             prev_end = end;
         }
@@ -1189,6 +1267,73 @@ pub(crate) fn header_crc(head: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// One SLAB cache record at `off`, after the one with id `prev_id`.
+fn check_cache(c: &RawSlabCache, off: u64, prev_id: Option<u32>) -> ParseResult<()> {
+    let id = c.id.get();
+    if let Some(p) = prev_id {
+        if id <= p {
+            return Err(ParseError::SlabCacheUnsorted {
+                offset: off,
+                expected: p,
+                found: id,
+            });
+        }
+    }
+    reserved_bytes(&c.reserved, off + 17, "cache reserved")?;
+    let align = c.align.get();
+    if !align.is_power_of_two() {
+        return Err(ParseError::SlabCacheAlign {
+            offset: off + 8,
+            expected: "a power of two",
+            found: align,
+        });
+    }
+    let size = c.object_size.get();
+    if size == 0 || size % align != 0 {
+        return Err(ParseError::SlabCacheObjectSize {
+            offset: off + 4,
+            expected: align,
+            found: size,
+        });
+    }
+    let Some(order) = Order::new(c.order) else {
+        return Err(ParseError::SlabCacheOrder {
+            offset: off + 16,
+            expected: MAX_MAP_ORDER,
+            found: c.order,
+        });
+    };
+    let per = c.objects_per_slab.get();
+    let fit = order.bytes() / u64::from(size);
+    if per == 0 || u64::from(per) > fit {
+        return Err(ParseError::SlabCacheObjects {
+            offset: off + 12,
+            expected_min: 1,
+            expected_max: fit,
+            found: per,
+        });
+    }
+    let name_off = off + 24;
+    let n = name_len(&c.name);
+    let (text, pad) = c.name.split_at(n);
+    if let Err(e) = core::str::from_utf8(text) {
+        let at = e.valid_up_to();
+        return Err(ParseError::SlabCacheNameUtf8 {
+            offset: name_off + at as u64,
+            expected: "UTF-8",
+            found: text.get(at).copied().unwrap_or(0),
+        });
+    }
+    if let Some((offset, found)) = first_nonzero(pad, name_off + n as u64) {
+        return Err(ParseError::SlabCacheNamePadding {
+            offset,
+            expected: 0,
+            found,
+        });
+    }
+    Ok(())
+}
+
 fn entry(image: &[u8], eo: u64) -> ParseResult<&RawSection> {
     RawSection::ref_from_prefix(sub(image, eo, ENTRY_SIZE as u64)?)
         .map(|(e, _)| e)
@@ -1199,9 +1344,18 @@ fn entry(image: &[u8], eo: u64) -> ParseResult<&RawSection> {
         })
 }
 
-/// Table bounds and CRC, then each entry; returns `(offset, len)` per known
-/// kind.
-fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<(u64, u64)>; 6]> {
+/// Where a known section lies: its offset and length, and the offset of its
+/// table entry.
+#[derive(Clone, Copy)]
+struct Located {
+    offset: u64,
+    len: u64,
+    entry: u64,
+}
+
+/// Table bounds and CRC, then each entry; returns where each known kind
+/// lies.
+fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<Located>; 6]> {
     let hs = u64::from(h.header_size);
     let stride = u64::from(h.entry_size);
     let tlen = u64::from(h.section_count) * stride;
@@ -1228,9 +1382,9 @@ fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<(u64, u
             found,
         });
     }
-    zero_padding(image, hs, h.table_offset)?;
+    zero_padding(image, hs, h.table_offset, "before the section table")?;
 
-    let mut located = [None; 6];
+    let mut located: [Option<Located>; 6] = [None; 6];
     let mut prev_end = tend;
     for i in 0..u64::from(h.section_count) {
         let eo = h.table_offset + i * stride;
@@ -1238,12 +1392,14 @@ fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<(u64, u
         reserved_bytes(
             sub(image, eo + ENTRY_SIZE as u64, stride - ENTRY_SIZE as u64)?,
             eo + ENTRY_SIZE as u64,
+            "entry tail",
         )?;
         if e.reserved.get() != 0 {
-            return Err(ParseError::Reserved {
-                offset: eo + 28,
-                found: u64::from(e.reserved.get()),
-            });
+            return Err(reserved(
+                eo + 28,
+                "entry reserved",
+                u64::from(e.reserved.get()),
+            ));
         }
         let flags = e.flags.get();
         if flags & !SECTION_REQUIRED != 0 {
@@ -1255,11 +1411,15 @@ fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<(u64, u
         }
         let kind = SectionKind::from_raw(e.kind.get());
         let (start, len) = (e.offset.get(), e.len.get());
-        match kind.index() {
-            Some(k) if located[k].is_some() => {
-                return Err(ParseError::DuplicateSection { offset: eo, kind })
+        match kind.index().and_then(|k| located[k]) {
+            Some(first) => {
+                return Err(ParseError::DuplicateSection {
+                    offset: eo,
+                    kind,
+                    first: first.entry,
+                })
             }
-            None if flags & SECTION_REQUIRED != 0 => {
+            None if kind.index().is_none() && flags & SECTION_REQUIRED != 0 => {
                 return Err(ParseError::UnknownRequiredSection {
                     offset: eo,
                     found: e.kind.get(),
@@ -1285,13 +1445,17 @@ fn locate_sections(image: &[u8], h: &ImageHeader) -> ParseResult<[Option<(u64, u
                 found: start,
             });
         }
-        zero_padding(image, prev_end, start)?;
+        zero_padding(image, prev_end, start, "before a section")?;
         prev_end = start + len;
         if let Some(k) = kind.index() {
-            located[k] = Some((start, len));
+            located[k] = Some(Located {
+                offset: start,
+                len,
+                entry: eo,
+            });
         }
     }
-    zero_padding(image, prev_end, h.image_len)?;
+    zero_padding(image, prev_end, h.image_len, "after the last section")?;
     if located[0].is_none() {
         return Err(ParseError::MissingSection {
             offset: h.table_offset,

@@ -1,5 +1,8 @@
-//! Building deliberately malformed images, for tests, fuzz seeds and the
-//! CLI fixture generator.
+//! Building deliberately malformed images, for tests, fuzz seeds and
+//! fixture generators (kho's own tests, its fuzz targets and `kho`'s
+//! `gen-fixtures` use it; so can a successor's tests of its own error
+//! handling). Nothing here is needed to write or read a valid image:
+//! [`ImageBuilder`](super::ImageBuilder) and [`Image`] do that.
 //!
 //! [`RawImage`] is an image taken apart into editable fields. Start from a
 //! valid one ([`RawImage::from_image`]), change what a test needs (a CRC, a

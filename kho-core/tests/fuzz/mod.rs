@@ -12,10 +12,22 @@ use std::path::{Path, PathBuf};
 
 #[path = "../../../fuzz/src/image.rs"]
 mod image;
+#[path = "../../../fuzz/src/roundtrip.rs"]
+mod roundtrip;
 #[path = "../../../fuzz/src/tree.rs"]
 mod tree;
 
-/// Every file of `dir`, sorted; a missing directory is empty.
+/// Every cargo-fuzz target of `fuzz/`.
+const TARGETS: [&str; 5] = [
+    "image_parse",
+    "tree_decode",
+    "arena_open",
+    "roundtrip",
+    "check",
+];
+
+/// Every file of `dir`, sorted; a missing directory is empty (a target
+/// with no regression yet).
 pub fn inputs(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
@@ -32,6 +44,18 @@ pub fn inputs(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             (p, bytes)
         })
         .collect()
+}
+
+/// The subdirectories of `dir`, by name.
+fn subdirs(dir: &Path) -> Vec<String> {
+    let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Regression inputs and seeds of `target`.
@@ -59,6 +83,33 @@ fn image_parse_inputs() {
 #[test]
 fn tree_decode_inputs() {
     replay("tree_decode", tree::run);
+}
+
+#[test]
+fn roundtrip_inputs() {
+    replay("roundtrip", roundtrip::run);
+}
+
+#[test]
+fn corpus_directories_name_known_targets() {
+    // A misspelled directory would be skipped silently by `inputs`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in [
+        root.join("tests/fuzz_regressions"),
+        root.join("../fuzz/seeds"),
+    ] {
+        for name in subdirs(&dir) {
+            assert!(
+                TARGETS.contains(&name.as_str()),
+                "{}/{name} names no fuzz target (known: {TARGETS:?})",
+                dir.display()
+            );
+        }
+    }
+    let seeded = subdirs(&root.join("../fuzz/seeds"));
+    for t in TARGETS {
+        assert!(seeded.iter().any(|s| s == t), "no seeds for {t}");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Handover image: malformed inputs, round trips, restore, golden bytes.
 
 mod errors;
+mod full;
 mod golden;
 mod restore;
 mod roundtrip;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kho_core::image::testing::RawImage;
 use kho_core::{
     BuildError, Extent, Image, ImageBuilder, Order, ParseError, Pfn, PhysAddr, PhysRange,
-    PreservedMap, SectionKind,
+    PreservedMap, SectionKind, SlabCacheInfo, SlabPageInfo,
 };
 use proptest::prelude::*;
 
@@ -90,39 +90,6 @@ proptest! {
         }
         prop_assert_eq!(bytes.len() as u64, 72 + 32 + map.block_count() as u64 * 520);
     }
-
-    #[test]
-    fn any_single_byte_change_is_caught(at in any::<prop::sample::Index>(), flip in 1u8..=255) {
-        let mut bytes = sample_image();
-        let img = Image::parse(&bytes).unwrap();
-        let i = at.index(bytes.len());
-        let (table, table_end) = {
-            let h = img.header();
-            (h.table_offset as usize, (h.table_offset + u64::from(h.section_count) * 32) as usize)
-        };
-        let in_section = img
-            .sections()
-            .find(|s| (s.offset..s.offset + s.len).contains(&(i as u64)))
-            .map(|s| s.kind);
-        drop(img);
-        bytes[i] ^= flip;
-        let err = Image::parse(&bytes).unwrap_err();
-        let kind = err.kind();
-        match i {
-            0..=7 => prop_assert_eq!(kind, "bad-magic"),
-            8..=11 => prop_assert!(matches!(kind, "header-size" | "header-crc"), "{}", err),
-            12..=13 => prop_assert_eq!(kind, "unsupported-major"),
-            14..=71 => prop_assert_eq!(kind, "header-crc"),
-            _ if (table..table_end).contains(&i) => prop_assert_eq!(kind, "table-crc"),
-            _ => match in_section {
-                Some(k) => prop_assert!(
-                    matches!(err, ParseError::SectionCrc { kind, .. } if kind == k),
-                    "{}", err
-                ),
-                None => prop_assert_eq!(kind, "padding"),
-            },
-        }
-    }
 }
 
 proptest! {
@@ -181,7 +148,7 @@ proptest! {
 
 #[test]
 fn the_sample_has_padding_and_all_sections() {
-    // The mutation property above only means something if every region
+    // The bit-flip test of `full.rs` only means something if every region
     // kind is present.
     let bytes = sample_image();
     let img = Image::parse(&bytes).unwrap();
@@ -354,6 +321,105 @@ proptest! {
             let h = img.header();
             prop_assert!(h.table_offset + u64::from(h.section_count) * u64::from(h.entry_size) <= bytes.len() as u64);
             prop_assert_eq!(img.folios().count() as u64, img.folio_count());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The range check (a cursor per order through sorted ranges) names
+    /// the same first range and lowest folio as a brute-force scan.
+    #[test]
+    fn preserved_in_range_matches_brute_force(
+        reqs in arb_reqs(),
+        ranges in prop::collection::vec((0..LIMIT, 1u64..3000), 1..12),
+    ) {
+        let map = build_map(&reqs);
+        // Sorted, disjoint page ranges, some over preserved memory.
+        let mut pages: Vec<(u64, u64)> = Vec::new();
+        let mut sorted = ranges;
+        sorted.sort_unstable();
+        for (s, n) in sorted {
+            let e = (s + n).min(LIMIT);
+            if pages.last().is_none_or(|&(_, pe)| s >= pe) && s < e {
+                pages.push((s, e));
+            }
+        }
+        let first_hit = pages.iter().find_map(|&(s, e)| {
+            let f = map.folios().find(|f| f.end_pfn().0 > s)?;
+            (f.pfn.0 < e).then_some(((s, e), f))
+        });
+        let scratch = pages
+            .iter()
+            .map(|&(s, e)| PhysRange::new(PhysAddr(s << 12), (e - s) << 12))
+            .collect();
+        let got = ImageBuilder::new(LIMIT << 12).memmap(&map).scratch(scratch).build();
+        match (got, first_hit) {
+            (Ok(_), None) => {}
+            (Err(BuildError::Invalid(ParseError::PreservedInRange { start, len, pfn, order, .. })), Some(((s, e), f))) => {
+                prop_assert_eq!((start, len), (s << 12, (e - s) << 12));
+                prop_assert_eq!((pfn, order), (f.pfn.0, f.order.get()));
+            }
+            (got, want) => prop_assert!(false, "got {:?}, want {:?}", got.err(), want),
+        }
+    }
+
+    /// The slab page check (a cursor per order through pages sorted by
+    /// PFN) agrees with `is_preserved` on every page.
+    #[test]
+    fn slab_page_heads_match_is_preserved(
+        reqs in arb_reqs(),
+        picks in prop::collection::vec((0..LIMIT, 0u8..=13, any::<bool>()), 1..24),
+    ) {
+        let map = build_map(&reqs);
+        let folios: Vec<_> = map.folios().collect();
+        // One cache per order, a single page-sized object per slab.
+        let caches: Vec<SlabCacheInfo> = (0..=13u8)
+            .map(|ord| SlabCacheInfo {
+                id: u32::from(ord) + 1,
+                name: format!("o{ord}"),
+                object_size: 4096,
+                align: 8,
+                objects_per_slab: 1,
+                order: o(ord),
+            })
+            .collect();
+        let mut pages: Vec<SlabPageInfo> = Vec::new();
+        for (p, ord, on_folio) in picks {
+            // Mostly real folio heads, so the check runs deep into the list.
+            let (pfn, order) = match folios.get(p as usize % folios.len().max(1)) {
+                Some(f) if on_folio => (f.pfn, f.order),
+                _ => (Pfn(p), o(ord)),
+            };
+            if pages.iter().any(|q| q.pfn == pfn) {
+                continue;
+            }
+            pages.push(SlabPageInfo {
+                pfn,
+                cache_id: u32::from(order.get()) + 1,
+                order,
+                object_size: 4096,
+                object_count: 1,
+                first_offset: 0,
+                bitmap: vec![1],
+            });
+        }
+        pages.sort_unstable_by_key(|q| q.pfn);
+        let bad = pages
+            .iter()
+            .find(|q| map.is_preserved(q.pfn) != Some((q.pfn, q.order)));
+        let got = ImageBuilder::new(LIMIT << 12)
+            .memmap(&map)
+            .slab(caches, pages.clone())
+            .build();
+        match (got, bad) {
+            (Ok(bytes), None) => prop_assert_eq!(Image::parse(&bytes).unwrap().slab_pages().len(), pages.len()),
+            (Err(BuildError::Invalid(ParseError::SlabPageNotPreserved { pfn, order, found, .. })), Some(q)) => {
+                prop_assert_eq!((pfn, order), (q.pfn.0, q.order.get()));
+                prop_assert_eq!(found, map.is_preserved(q.pfn).map(|(h, o)| (h.0, o.get())));
+            }
+            (got, want) => prop_assert!(false, "got {:?}, want {:?}", got.err(), want),
         }
     }
 }
