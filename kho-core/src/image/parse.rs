@@ -3,7 +3,7 @@
 use core::fmt;
 
 use zerocopy::little_endian::U64;
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::layout::{
     RawBlock, RawExtent, RawHeader, RawRange, RawSection, RawSlabCache, RawSlabHeader, RawSlabPage,
@@ -193,6 +193,37 @@ fn span(order: u8) -> u64 {
     BLOCK_BITS << order
 }
 
+/// The blocks of one order above the block being checked, with a merge
+/// cursor and the start of the next folio of that order at or after the
+/// scan position (see [`Image::overlaps_of`]).
+#[derive(Clone, Copy, Default)]
+struct Higher<'a> {
+    order: u8,
+    blocks: &'a [RawBlock],
+    cursor: usize,
+    next: u64,
+}
+
+impl Higher<'_> {
+    /// The start of the first folio at or after `q` (a multiple of the
+    /// folio size), or `u64::MAX`; leaves the cursor on its block. The
+    /// blocks may not be checked yet, so nothing here may overflow.
+    fn next_folio(&mut self, q: u64) -> u64 {
+        let h = self.order;
+        while let Some(hb) = self.blocks.get(self.cursor) {
+            let hbase = hb.base_pfn();
+            if hbase.saturating_add(span(h)) > q {
+                let from = q.saturating_sub(hbase) >> h;
+                if let Some(idx) = first_set_in(&hb.bits, from, BLOCK_BITS) {
+                    return hbase.saturating_add(idx << h);
+                }
+            }
+            self.cursor += 1;
+        }
+        u64::MAX
+    }
+}
+
 /// Bits `[lo, hi)` of a block's words: the first one set.
 fn first_set_in(words: &[U64; BLOCK_WORDS], lo: u64, hi: u64) -> Option<u64> {
     let mut i = lo;
@@ -288,36 +319,21 @@ impl<'a> Image<'a> {
         // 6. Section table bounds, entries, overlaps and padding.
         let located = locate_sections(image, &header)?;
 
-        // 7. Section CRCs, in table order.
-        for i in 0..u64::from(header.section_count) {
-            let eo = header.table_offset + i * u64::from(header.entry_size);
-            let e = entry(image, eo)?;
-            let (off, len) = (e.offset.get(), e.len.get());
-            let found = crc32fast::hash(sub(image, off, len)?);
-            if found != e.crc32.get() {
-                return Err(ParseError::SectionCrc {
-                    offset: off,
-                    kind: SectionKind::from_raw(e.kind.get()),
-                    expected: e.crc32.get(),
-                    found,
-                });
-            }
-        }
-
-        // 8. Section contents.
         let section = |k: SectionKind| -> ParseResult<(u64, &'a [u8])> {
             match k.index().and_then(|i| located[i]) {
                 Some(l) => Ok((l.offset, sub(image, l.offset, l.len)?)),
                 None => Ok((0, &[])),
             }
         };
+        // A MEMMAP section that is not a whole number of blocks is a
+        // content error, reported at step 8.
         let (memmap_offset, memmap) = section(SectionKind::Memmap)?;
-        let blocks: &[RawBlock] = records(memmap, memmap_offset, SectionKind::Memmap)?;
+        let blocks = records::<RawBlock>(memmap, memmap_offset, SectionKind::Memmap);
         let mut img = Image {
             bytes: image,
             header,
             memmap_offset,
-            blocks,
+            blocks: blocks.as_ref().map_or(&[], |b| *b),
             spans: [(0, 0); NR_ORDERS],
             scratch: (0, &[]),
             kfence: (0, &[]),
@@ -327,8 +343,36 @@ impl<'a> Image<'a> {
             tree_bytes: &[],
             tree: None,
         };
-        img.check_blocks()?;
-        img.check_overlaps()?;
+
+        // 7. Section CRCs, in table order. The MEMMAP blocks are checked
+        // in the same pass as their CRC, while they are in cache; that
+        // verdict belongs to step 8 and waits until every CRC matched.
+        let mut memmap_verdict = Ok(());
+        for i in 0..u64::from(header.section_count) {
+            let eo = header.table_offset + i * u64::from(header.entry_size);
+            let e = entry(image, eo)?;
+            let (off, len) = (e.offset.get(), e.len.get());
+            let kind = SectionKind::from_raw(e.kind.get());
+            let found = if kind == SectionKind::Memmap && blocks.is_ok() {
+                let (crc, verdict) = img.memmap_pass();
+                memmap_verdict = verdict;
+                crc
+            } else {
+                crc32fast::hash(sub(image, off, len)?)
+            };
+            if found != e.crc32.get() {
+                return Err(ParseError::SectionCrc {
+                    offset: off,
+                    kind,
+                    expected: e.crc32.get(),
+                    found,
+                });
+            }
+        }
+
+        // 8. Section contents.
+        blocks?;
+        memmap_verdict?;
 
         let (off, s) = section(SectionKind::Scratch)?;
         img.scratch = (off, img.check_ranges(s, off, SectionKind::Scratch)?);
@@ -434,151 +478,243 @@ impl<'a> Image<'a> {
         })
     }
 
-    /// MEMMAP blocks: orders, reserved bytes, alignment, strict order,
-    /// non-empty, inside the arena. Fills `spans`.
-    fn check_blocks(&mut self) -> ParseResult<()> {
-        let arena_pages = self.header.arena_size >> PAGE_SHIFT;
-        let mut prev: Option<(u8, u64)> = None;
-        for (i, b) in self.blocks.iter().enumerate() {
-            let offset = self.memmap_offset + (i * BLOCK_SIZE) as u64;
-            let order_field = b.order_field();
-            if order_field > u64::from(MAX_MAP_ORDER) {
-                return Err(ParseError::BlockOrder {
-                    offset,
-                    expected: MAX_MAP_ORDER,
-                    found: order_field,
-                });
+    /// The MEMMAP section's CRC and its block checks in one pass.
+    ///
+    /// The section is hashed a chunk at a time and the chunk's blocks are
+    /// checked while they are still in cache, so validation costs little
+    /// more than the CRC itself. Returns the CRC and the verdict of the
+    /// block checks (step 8 of FORMAT.md §6, reported only once every
+    /// section CRC has matched): the first block that breaks a block rule,
+    /// else the first overlap of two orders, else success with `spans`
+    /// filled. The overlap check of a block reads blocks of higher orders
+    /// further on, located by their order field before they are checked;
+    /// when one of them breaks a rule, that error wins, exactly as if the
+    /// blocks had all been checked first.
+    fn memmap_pass(&mut self) -> (u32, ParseResult<()>) {
+        const CHUNK: usize = 32;
+        let blocks = self.blocks;
+        // Where each order's blocks are, by their order field (the block
+        // checks below make this exact, or fail).
+        let mut by_order: [&'a [RawBlock]; NR_ORDERS] = [&[]; NR_ORDERS];
+        let mut from = 0;
+        for (o, slot) in by_order.iter_mut().enumerate() {
+            let to = from + blocks[from..].partition_point(|b| b.order_field() <= o as u64);
+            *slot = &blocks[from..to];
+            from = to;
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        let mut prev = None;
+        let mut block_error = None;
+        let mut overlap = None;
+        // The orders above the current block's, with their blocks and a
+        // merge cursor each; rebuilt when the order changes.
+        let mut higher: [Higher<'a>; NR_ORDERS] = [Higher::default(); NR_ORDERS];
+        let mut n_higher = 0;
+        let mut cursor_order = None;
+        for (c, chunk) in blocks.chunks(CHUNK).enumerate() {
+            hasher.update(chunk.as_bytes());
+            if block_error.is_some() {
+                continue;
             }
-            let order = order_field as u8;
-            let base = b.base_pfn();
-            let span = span(order);
-            // `span` is a power of two: mask, do not divide.
-            if base & (span - 1) != 0 {
-                return Err(ParseError::BlockMisaligned {
-                    offset,
-                    expected: span,
-                    found: base,
-                });
-            }
-            if let Some((po, pb)) = prev {
-                if (order, base) <= (po, pb) {
-                    return Err(ParseError::BlockUnsorted {
-                        offset,
-                        prev_order: po,
-                        prev_base: pb,
-                        order,
-                        base,
-                    });
+            for (k, b) in chunk.iter().enumerate() {
+                let i = c * CHUNK + k;
+                if let Err(e) = self.check_block(i, b, &mut prev) {
+                    block_error = Some(e);
+                    break;
+                }
+                if overlap.is_some() {
+                    continue;
+                }
+                let o = b.order_field() as u8;
+                if cursor_order != Some(o) {
+                    cursor_order = Some(o);
+                    n_higher = 0;
+                    for (h, hb) in by_order.iter().enumerate().skip(usize::from(o) + 1) {
+                        if !hb.is_empty() {
+                            higher[n_higher] = Higher {
+                                order: h as u8,
+                                blocks: hb,
+                                cursor: 0,
+                                next: 0,
+                            };
+                            n_higher += 1;
+                        }
+                    }
+                }
+                if let Err(e) = self.overlaps_of(i, b, o, &mut higher[..n_higher]) {
+                    overlap = Some(e);
                 }
             }
-            prev = Some((order, base));
-            // Stops at the first non-zero word: O(1) for any populated
-            // block, so validation does not read the bits a second time
-            // after the section CRC did.
-            if b.bits.iter().all(|w| w.get() == 0) {
-                return Err(ParseError::EmptyBlock {
+        }
+        let crc = hasher.finalize();
+        let verdict = match (block_error, overlap) {
+            (Some(e), _) | (None, Some(e)) => Err(e),
+            (None, None) => Ok(()),
+        };
+        (crc, verdict)
+    }
+
+    /// One MEMMAP block: order, alignment, strict order after `prev`,
+    /// non-empty, inside the arena. Extends `spans`.
+    fn check_block(
+        &mut self,
+        i: usize,
+        b: &RawBlock,
+        prev: &mut Option<(u8, u64)>,
+    ) -> ParseResult<()> {
+        let arena_pages = self.header.arena_size >> PAGE_SHIFT;
+        let offset = self.block_offset(i);
+        let order_field = b.order_field();
+        if order_field > u64::from(MAX_MAP_ORDER) {
+            return Err(ParseError::BlockOrder {
+                offset,
+                expected: MAX_MAP_ORDER,
+                found: order_field,
+            });
+        }
+        let order = order_field as u8;
+        let base = b.base_pfn();
+        let span = span(order);
+        // `span` is a power of two: mask, do not divide.
+        if base & (span - 1) != 0 {
+            return Err(ParseError::BlockMisaligned {
+                offset,
+                expected: span,
+                found: base,
+            });
+        }
+        if let Some((po, pb)) = *prev {
+            if (order, base) <= (po, pb) {
+                return Err(ParseError::BlockUnsorted {
                     offset,
+                    prev_order: po,
+                    prev_base: pb,
                     order,
                     base,
-                    expected: 1,
-                    found: 0,
                 });
             }
-            if base.checked_add(span).is_none_or(|end| end > arena_pages) {
-                // Only the highest set bit can reach past the arena.
-                let (wi, w) = b
-                    .bits
-                    .iter()
-                    .enumerate()
-                    .rev()
-                    .find(|(_, w)| w.get() != 0)
-                    .map_or((0, 0), |(i, w)| (i, w.get()));
-                let idx = wi as u64 * 64 + u64::from(63 - w.leading_zeros());
-                let pfn = base.saturating_add(idx << order);
-                if pfn
-                    .checked_add(1u64 << order)
-                    .is_none_or(|end| end > arena_pages)
-                {
-                    return Err(ParseError::FolioOutOfArena {
-                        offset,
-                        pfn,
-                        order,
-                        expected: arena_pages,
-                    });
-                }
+        }
+        *prev = Some((order, base));
+        // Stops at the first non-zero word: O(1) for any populated block.
+        if b.bits.iter().all(|w| w.get() == 0) {
+            return Err(ParseError::EmptyBlock {
+                offset,
+                order,
+                base,
+                expected: 1,
+                found: 0,
+            });
+        }
+        if base.checked_add(span).is_none_or(|end| end > arena_pages) {
+            // Only the highest set bit can reach past the arena.
+            let (wi, w) = b
+                .bits
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(_, w)| w.get() != 0)
+                .map_or((0, 0), |(i, w)| (i, w.get()));
+            let idx = wi as u64 * 64 + u64::from(63 - w.leading_zeros());
+            let pfn = base.saturating_add(idx << order);
+            if pfn
+                .checked_add(1u64 << order)
+                .is_none_or(|end| end > arena_pages)
+            {
+                return Err(ParseError::FolioOutOfArena {
+                    offset,
+                    pfn,
+                    order,
+                    expected: arena_pages,
+                });
             }
-            let o = order as usize;
-            if self.spans[o].1 == 0 {
-                self.spans[o].0 = i;
+        }
+        let o = order as usize;
+        if self.spans[o].1 == 0 {
+            self.spans[o].0 = i;
+        }
+        self.spans[o].1 = i + 1;
+        Ok(())
+    }
+
+    /// No page of block `b` (index `i`, order `o`, already checked) is
+    /// also preserved under a higher order.
+    ///
+    /// Folios are naturally aligned, so two that intersect are nested: the
+    /// smaller lies inside the larger. The blocks of one order are visited
+    /// in base order; for every higher order present, `higher` keeps a
+    /// cursor on that order's blocks and the start of its next folio at or
+    /// after the scan position. A block with no higher folio starting
+    /// before its end (counting the one that contains its first page) costs
+    /// one comparison per higher order; otherwise its bits are compared
+    /// with that higher block's. The cursors only move forward and every
+    /// word of a higher block is scanned at most once per lower order, so
+    /// time is linear in the number of blocks times the number of orders
+    /// present (at most 19); nothing is allocated.
+    fn overlaps_of(
+        &self,
+        i: usize,
+        b: &RawBlock,
+        o: u8,
+        higher: &mut [Higher<'a>],
+    ) -> ParseResult<()> {
+        let base = b.base_pfn();
+        // Checked by `check_block`: the block lies inside the arena.
+        let end = base + span(o);
+        for hi in higher.iter_mut() {
+            let h = hi.order;
+            // The position of the folio of order `h` that holds `base`.
+            let q = base & !((1u64 << h) - 1);
+            if hi.next < q {
+                hi.next = hi.next_folio(q);
             }
-            self.spans[o].1 = i + 1;
+            if hi.next >= end {
+                continue;
+            }
+            // A folio of `h` starts in [q, end): it meets the block. Its
+            // block (under the cursor) must be the one whose span holds
+            // this block; anything else is a block the block checks reject.
+            let Some(hb) = hi.blocks.get(hi.cursor) else {
+                continue;
+            };
+            if hb.base_pfn() != base & !(span(h) - 1) {
+                continue;
+            }
+            self.overlap_in(i, b, o, hb, h)?;
         }
         Ok(())
     }
 
-    /// No page is preserved under two orders.
-    ///
-    /// Folios are naturally aligned, so two that intersect are nested: the
-    /// smaller lies inside the larger. For every pair of present orders
-    /// `o < h`, walk the blocks of `o` with a cursor on the blocks of `h`
-    /// (both sorted by base). Each block of `o` lies inside one block span
-    /// of `h`; only where `h` has folios covering the block are its bits
-    /// read. A map of one order costs nothing; blocks of a lower order that
-    /// no higher folio covers are not read at all. Time is linear in the
-    /// number of blocks times the number of orders present; nothing is
-    /// allocated.
-    fn check_overlaps(&self) -> ParseResult<()> {
-        let present = || {
-            (0..=MAX_MAP_ORDER).filter(|&o| {
-                let (lo, hi) = self.spans[o as usize];
-                lo < hi
-            })
-        };
-        if present().count() < 2 {
-            return Ok(());
-        }
-        for o in present() {
-            let (lo_o, hi_o) = self.spans[o as usize];
-            let lower = &self.blocks[lo_o..hi_o];
-            for h in present().filter(|&h| h > o) {
-                let (lo_h, hi_h) = self.spans[h as usize];
-                let higher = &self.blocks[lo_h..hi_h];
-                let mut cursor = 0usize;
-                for (i, b) in lower.iter().enumerate() {
-                    let base = b.base_pfn();
-                    let end = base + span(o);
-                    let hbase = base & !(span(h) - 1);
-                    while higher.get(cursor).is_some_and(|hb| hb.base_pfn() < hbase) {
-                        cursor += 1;
-                    }
-                    let Some(hb) = higher.get(cursor) else {
-                        break;
-                    };
-                    if hb.base_pfn() != hbase {
-                        continue;
-                    }
-                    // Folios of `h` meeting [base, end).
-                    let h_lo = (base - hbase) >> h;
-                    let h_hi = (end - hbase + (1u64 << h) - 1) >> h;
-                    let mut j = h_lo;
-                    while let Some(hidx) = first_set_in(&hb.bits, j, h_hi) {
-                        let hpfn = hbase + (hidx << h);
-                        let from = hpfn.max(base);
-                        let to = (hpfn + (1u64 << h)).min(end);
-                        let inside = first_set_in(&b.bits, (from - base) >> o, (to - base) >> o);
-                        if let Some(lidx) = inside {
-                            return Err(ParseError::FolioOverlap {
-                                offset: self.block_offset(lo_o + i),
-                                pfn: base + (lidx << o),
-                                order: o,
-                                other_pfn: hpfn,
-                                other_order: h,
-                            });
-                        }
-                        j = hidx + 1;
-                    }
-                }
+    /// The slow path of [`Self::overlaps_of`]: the folios of the higher
+    /// block `hb` that cover the lower block `b` are known to exist; report
+    /// the first lower folio inside one of them.
+    fn overlap_in(
+        &self,
+        index: usize,
+        b: &RawBlock,
+        o: u8,
+        hb: &RawBlock,
+        h: u8,
+    ) -> ParseResult<()> {
+        let base = b.base_pfn();
+        let end = base + span(o);
+        let hbase = hb.base_pfn();
+        let h_lo = (base - hbase) >> h;
+        let h_hi = (end - hbase + (1u64 << h) - 1) >> h;
+        let mut j = h_lo;
+        while let Some(hidx) = first_set_in(&hb.bits, j, h_hi) {
+            let hpfn = hbase + (hidx << h);
+            let from = hpfn.max(base);
+            let to = (hpfn + (1u64 << h)).min(end);
+            if let Some(lidx) = first_set_in(&b.bits, (from - base) >> o, (to - base) >> o) {
+                return Err(ParseError::FolioOverlap {
+                    offset: self.block_offset(index),
+                    pfn: base + (lidx << o),
+                    order: o,
+                    other_pfn: hpfn,
+                    other_order: h,
+                });
             }
+            j = hidx + 1;
         }
         Ok(())
     }
