@@ -59,18 +59,20 @@ enum Backing {
     /// A memfd and a duplicate of its descriptor that outlives each
     /// cycle's arena (the same open file, as an inherited descriptor).
     Memfd(File),
-    /// A file on disk, reopened by path.
-    Disk(PathBuf),
+    /// A file on disk, reopened by path, in a directory of its own (test
+    /// runners run each benchmark in a process of its own, concurrently)
+    /// that is removed with it.
+    Disk(tempfile::TempDir, PathBuf),
 }
 
 impl Backing {
     fn create(disk: bool) -> (Backing, Arena) {
         let cfg = ArenaConfig::with_size(ARENA);
         if disk {
-            let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("blackout.arena");
-            let _ = std::fs::remove_file(&path);
+            let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+            let path = dir.path().join("blackout.arena");
             let arena = Arena::create_file(&path, &cfg).expect("disk arena");
-            (Backing::Disk(path), arena)
+            (Backing::Disk(dir, path), arena)
         } else {
             let arena = Arena::create_memfd("kho-blackout", &cfg).expect("memfd arena");
             let keep = arena.file().expect("memfd").try_clone().expect("dup");
@@ -84,15 +86,7 @@ impl Backing {
             Backing::Memfd(keep) => {
                 Arena::open_file(keep.try_clone().expect("dup")).expect("open memfd")
             }
-            Backing::Disk(path) => Arena::open(path).expect("open file"),
-        }
-    }
-}
-
-impl Drop for Backing {
-    fn drop(&mut self) {
-        if let Backing::Disk(path) = self {
-            let _ = std::fs::remove_file(path);
+            Backing::Disk(_, path) => Arena::open(path).expect("open file"),
         }
     }
 }

@@ -86,8 +86,13 @@ fn sampled_count(heap: &Heap) -> u64 {
     heap.kfence().map_or(0, |k| k.stats().total_allocs)
 }
 
+/// The `q` quantile of `sorted`, or NaN when it is empty (criterion's
+/// `--list` and `--test` modes run no or few blocks).
 fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let i = (last as f64 * q).round() as usize;
     sorted.get(i).copied().unwrap_or(f64::NAN)
 }
 
@@ -197,6 +202,10 @@ fn interleaved(c: &mut Criterion, name: &str, a: &Arc<Heap>, b: &Arc<Heap>) -> f
     let mut ratios = blocks.into_inner();
     ratios.sort_by(f64::total_cmp);
     let (ta, tb) = totals.into_inner();
+    if ratios.is_empty() {
+        // Listed, not measured.
+        return f64::NAN;
+    }
     let median = quantile(&ratios, 0.5);
     let iqr = quantile(&ratios, 0.75) - quantile(&ratios, 0.25);
     // The median's 95% interval by the notch rule: +-1.58 IQR / sqrt(n).
@@ -221,6 +230,9 @@ fn heap(c: &mut Criterion) {
     let off2 = Arc::new(heap_with(SampleMode::Off));
     let ratio = interleaved(c, "interleaved_interval_100ms", &off, &on);
     let control = interleaved(c, "interleaved_control_off", &off, &off2);
+    if ratio.is_nan() {
+        return;
+    }
     eprintln!(
         "heap: sampling at {DEFAULT_INTERVAL:?} over sampling off = {ratio:.4} \
          (target <= {TARGET}: {}); two heaps both off, same run: {control:.4}",
