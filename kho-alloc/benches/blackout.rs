@@ -62,7 +62,10 @@ enum Backing {
     /// A file on disk, reopened by path, in a directory of its own (test
     /// runners run each benchmark in a process of its own, concurrently)
     /// that is removed with it.
-    Disk(tempfile::TempDir, PathBuf),
+    Disk {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
 }
 
 impl Backing {
@@ -72,7 +75,7 @@ impl Backing {
             let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
             let path = dir.path().join("blackout.arena");
             let arena = Arena::create_file(&path, &cfg).expect("disk arena");
-            (Backing::Disk(dir, path), arena)
+            (Backing::Disk { _dir: dir, path }, arena)
         } else {
             let arena = Arena::create_memfd("kho-blackout", &cfg).expect("memfd arena");
             let keep = arena.file().expect("memfd").try_clone().expect("dup");
@@ -86,7 +89,7 @@ impl Backing {
             Backing::Memfd(keep) => {
                 Arena::open_file(keep.try_clone().expect("dup")).expect("open memfd")
             }
-            Backing::Disk(_, path) => Arena::open(path).expect("open file"),
+            Backing::Disk { path, .. } => Arena::open(path).expect("open file"),
         }
     }
 }
