@@ -5,8 +5,9 @@
 //! Each sample is one full handover cycle: `prepare` (untimed), `freeze`
 //! (sampler disable, deferred-free drain, subsystem nodes, slab scrub and
 //! image write), `commit` (`msync` and superblock publish), then a successor
-//! in the same process maps the memfd anew through `/proc/self/fd`, and
-//! restores and finishes its session (`restore`). The successor is the
+//! in the same process maps the memfd anew through a duplicate of its
+//! descriptor (as an `exec`'d successor inherits it), and restores and
+//! finishes its session (`restore`). The successor is the
 //! predecessor of the next sample.
 //!
 //! Baseline in the same run: `copy_out`, copying every entry (key and
@@ -38,7 +39,7 @@ fn kv_cfg() -> KvConfig {
 struct Live {
     session: Session,
     kv: KvHandle,
-    fd: i32,
+    keep: std::fs::File,
 }
 
 fn sampler() -> Arc<Sampler> {
@@ -65,10 +66,9 @@ fn first() -> Live {
     let arena =
         Arena::create_memfd("kho-blackout", &ArenaConfig::with_size(4 << 30)).expect("arena");
     // A descriptor of the memfd that outlives every arena of the run, for
-    // each successor to reopen the same memory through `/proc/self/fd`.
+    // each successor to map the same memory from (it shares the arena's
+    // open file description, and so its lock).
     let keep = arena.file().expect("memfd").try_clone().expect("dup");
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&keep);
-    std::mem::forget(keep);
     let heap = Heap::new(arena).expect("heap");
     let mut kv = KvStore::new(&heap, kv_cfg()).expect("store");
     let mut v = vec![0u8; VALUE as usize];
@@ -82,7 +82,7 @@ fn first() -> Live {
         .register(Box::new(KvSubsystem::new("kv", Arc::clone(&kv), kv_cfg())))
         .expect("register");
     attach(&mut session, &heap);
-    Live { session, kv, fd }
+    Live { session, kv, keep }
 }
 
 /// Durations of one cycle: (freeze, commit, restore).
@@ -90,7 +90,7 @@ fn cycle(live: Live) -> (Live, Duration, Duration, Duration) {
     let Live {
         mut session,
         kv,
-        fd,
+        keep,
     } = live;
     session.prepare().expect("prepare");
     let t = Instant::now();
@@ -99,10 +99,10 @@ fn cycle(live: Live) -> (Live, Duration, Duration, Duration) {
     let t = Instant::now();
     session.commit().expect("commit");
     let commit = t.elapsed();
-    // The successor's own mapping of the same memfd.
-    let arena = Arena::open(format!("/proc/self/fd/{fd}")).expect("reopen");
+    // The predecessor is gone before its successor maps the same memfd.
     drop(session);
     drop(kv);
+    let arena = Arena::open_file(keep.try_clone().expect("dup")).expect("reopen");
     let t = Instant::now();
     let (mut session, start) = Session::start(arena).expect("start");
     assert!(matches!(start, Start::Handover { .. }));
@@ -121,7 +121,7 @@ fn cycle(live: Live) -> (Live, Duration, Duration, Duration) {
         .as_ref()
         .map_or(0, KvStore::len);
     assert_eq!(len, ENTRIES);
-    (Live { session, kv, fd }, freeze, commit, restore)
+    (Live { session, kv, keep }, freeze, commit, restore)
 }
 
 fn blackout(c: &mut Criterion) {

@@ -251,6 +251,15 @@ pub enum Error {
         /// The report's title line.
         title: String,
     },
+    /// Another arena holds the file: a writable arena excludes every
+    /// other, a read-only one excludes writers.
+    #[error("arena {} is busy: {holder}", path.display())]
+    Busy {
+        /// The file (for a descriptor, what `/proc/self/fd` names).
+        path: std::path::PathBuf,
+        /// Who holds it.
+        holder: &'static str,
+    },
 }
 
 /// Result alias for kho-alloc.

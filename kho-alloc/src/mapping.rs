@@ -43,7 +43,9 @@ impl std::fmt::Debug for Mapping {
 
 // SAFETY: the mapping is plain memory owned by this value; the pointer is
 // never handed out with a lifetime longer than a borrow of the mapping, and
-// callers synchronise access to the bytes themselves (see `raw.rs`).
+// callers synchronise access to the bytes themselves (see `raw.rs`). Other
+// mappings of the same file are the arena's to exclude (its file lock, see
+// `arena.rs`), not this type's.
 unsafe impl Send for Mapping {}
 // SAFETY: as for `Send`: `&Mapping` only exposes the base pointer and
 // `msync`/`mprotect`, which the kernel serialises.
@@ -203,7 +205,8 @@ impl Drop for Mapping {
 }
 
 /// Create an anonymous memory file with `memfd_create`, without
-/// `MFD_CLOEXEC` so that the descriptor survives `exec`.
+/// `MFD_CLOEXEC` so that the descriptor survives `exec`, and with sealing
+/// allowed so that its size can be fixed ([`seal_size`]).
 #[cfg(not(miri))]
 pub(crate) fn memfd(name: &str) -> io::Result<File> {
     use std::os::fd::FromRawFd;
@@ -211,7 +214,7 @@ pub(crate) fn memfd(name: &str) -> io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY:
     // - `cname` is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), 0) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -219,6 +222,72 @@ pub(crate) fn memfd(name: &str) -> io::Result<File> {
     // - `fd` was just returned by `memfd_create`, is open, and is owned by
     //   nobody else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Seal the size of a memfd (`F_SEAL_SHRINK | F_SEAL_GROW`): no holder of
+/// the descriptor, in this process or another, can truncate the memory
+/// under a mapping of it (which would turn accesses into `SIGBUS`).
+#[cfg(not(miri))]
+pub(crate) fn seal_size(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY:
+    // - `file` keeps the descriptor open for the call; `F_ADD_SEALS` only
+    //   changes the seals of the file, no memory of this process.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Kinds of [`try_lock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockKind {
+    /// `LOCK_SH`: readers.
+    Shared,
+    /// `LOCK_EX`: one writer.
+    Exclusive,
+}
+
+/// Take an advisory `flock` on `file` without waiting. Returns `false` if
+/// another open file description holds a conflicting lock.
+///
+/// The lock belongs to the open file description: every descriptor
+/// duplicated from `file` (`dup`, `try_clone`, inheritance across `fork`
+/// and `exec`) holds it too, and it is released when the last of them is
+/// closed. It is never released explicitly, so that a successor holding
+/// an inherited descriptor keeps it after the predecessor closes its own.
+#[cfg(not(miri))]
+pub(crate) fn try_lock(file: &File, kind: LockKind) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+
+    let op = match kind {
+        LockKind::Shared => libc::LOCK_SH,
+        LockKind::Exclusive => libc::LOCK_EX,
+    };
+    loop {
+        // SAFETY:
+        // - `file` keeps the descriptor open for the call; `flock` touches no
+        //   memory of this process.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Under Miri there are no file arenas to lock.
+#[cfg(miri)]
+pub(crate) fn try_lock(_file: &File, _kind: LockKind) -> io::Result<bool> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 /// Clear `FD_CLOEXEC` on `file` so that a successor started with `exec`

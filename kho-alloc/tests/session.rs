@@ -468,6 +468,7 @@ fn incompatible_missing_and_unclaimed_nodes_are_errors_or_cold_starts() {
     }
 
     // The same, choosing a cold start.
+    drop((s, kv));
     commit(&path);
     let (mut s, _) = Session::start(Arena::open(&path).unwrap()).unwrap();
     let kv: KvHandle = Arc::new(RwLock::new(None));
@@ -486,6 +487,7 @@ fn incompatible_missing_and_unclaimed_nodes_are_errors_or_cold_starts() {
     verify(&kv, 20);
 
     // A subsystem the predecessor did not have: its node is missing.
+    drop((s, kv));
     commit(&path);
     let (mut s, _) = Session::start(Arena::open(&path).unwrap()).unwrap();
     let kv: KvHandle = Arc::new(RwLock::new(None));
@@ -501,6 +503,7 @@ fn incompatible_missing_and_unclaimed_nodes_are_errors_or_cold_starts() {
     ));
 
     // A node nobody claims.
+    drop((s, kv));
     commit(&path);
     let (mut s, _) = Session::start(Arena::open(&path).unwrap()).unwrap();
     s.register(Box::new(Probe::new("probe", "probe-v1").0))

@@ -200,7 +200,8 @@ fn round_trip_across_processes() {
 fn round_trip_through_inherited_memfd() {
     if std::env::var(ROLE).as_deref() == Ok("memfd-child") {
         let fd = std::env::var(PATH).unwrap();
-        check_restored(Arena::open(format!("/proc/self/fd/{fd}")).unwrap(), None);
+        let arena = kho_alloc::session::inherited_arena().unwrap().unwrap();
+        check_restored(arena, None);
         println!("child restored memfd {fd}");
         return;
     }
@@ -216,6 +217,7 @@ fn round_trip_through_inherited_memfd() {
         ])
         .env(ROLE, "memfd-child")
         .env(PATH, fd.to_string())
+        .env(kho_alloc::session::ARENA_FD_ENV, fd.to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,5 +1,7 @@
 //! Integration tests of kho-alloc: one binary, one module per topic.
 
+#[cfg(not(miri))]
+mod arena_lock;
 mod common;
 mod fuzz;
 mod handover;
