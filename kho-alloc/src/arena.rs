@@ -627,6 +627,16 @@ impl Arena {
         Ok(next.generation)
     }
 
+    /// Give up the current handover image without restoring it: publish a
+    /// superblock without an image (the next generation) and return its
+    /// generation. Without an image nothing is written.
+    pub fn discard_image(&self) -> Result<u64> {
+        if self.current_image().is_none() {
+            return Ok(self.generation());
+        }
+        self.publish(None)
+    }
+
     /// Steps 2 and 3 of a commit: `msync` the image range, then publish.
     pub fn commit_image(&self, image: ImageLocation) -> Result<u64> {
         self.sync(PhysRange::new(PhysAddr(image.offset), image.len))?;

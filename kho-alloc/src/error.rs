@@ -260,6 +260,16 @@ pub enum Error {
         /// Who holds it.
         holder: &'static str,
     },
+    /// A fresh heap over an arena whose handover image was not restored.
+    #[error(
+        "the arena holds an unrestored handover image of generation {generation} at {offset:#x}: restore or discard it first"
+    )]
+    PendingHandover {
+        /// Generation of the superblock pointing at the image.
+        generation: u64,
+        /// Arena offset of the image.
+        offset: u64,
+    },
 }
 
 /// Result alias for kho-alloc.

@@ -641,11 +641,23 @@ impl Heap {
     }
 
     /// A fresh heap over `arena`: every page of the general and preservable
-    /// regions free. Whatever image the arena holds is left in place but
-    /// not restored (use [`Heap::restore`] for that).
+    /// regions free.
+    ///
+    /// An arena whose current image was not restored yet holds a handover
+    /// that a fresh heap would overwrite page by page: that is refused with
+    /// [`Error::PendingHandover`]. Restore it ([`Heap::restore`]) or give it
+    /// up explicitly first ([`Arena::discard_image`]).
     pub fn new(arena: Arena) -> Result<Heap> {
         if !arena.is_writable() {
             return Err(Error::ReadOnly);
+        }
+        if let Some(image) = arena.current_image() {
+            if !arena.image_restored() {
+                return Err(Error::PendingHandover {
+                    generation: arena.generation(),
+                    offset: image.offset,
+                });
+            }
         }
         let shared = Self::build(arena, Self::next_id()?, true)?;
         Ok(Heap {

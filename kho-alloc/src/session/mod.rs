@@ -1032,8 +1032,9 @@ impl Session {
         Ok(&self.restore_report)
     }
 
-    /// INCOMING → NORMAL without restoring: a fresh heap over the arena
-    /// (the image is ignored) and a cold start of every subsystem.
+    /// INCOMING → NORMAL without restoring: the image is discarded (a
+    /// superblock without it is published), a fresh heap is built over the
+    /// arena and every subsystem is cold-started.
     pub fn abandon_handover(&mut self) -> Result<()> {
         if self.state != State::Incoming {
             return Err(SessionError::InvalidTransition {
@@ -1045,6 +1046,7 @@ impl Session {
             .arena
             .take()
             .ok_or(SessionError::NoHeap { state: self.state })?;
+        arena.discard_image()?;
         let heap = Heap::new(arena)?;
         lock(&self.undo).heap = Some(heap.clone());
         self.heap = Some(heap);

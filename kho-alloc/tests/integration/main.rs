@@ -6,3 +6,4 @@ mod common;
 mod fuzz;
 mod handover;
 mod heap_props;
+mod refusals;
