@@ -260,6 +260,19 @@ pub enum Error {
         /// Who holds it.
         holder: &'static str,
     },
+    /// Preservation of memory that is not part of a folio handed to an
+    /// owner: free pages, slab pages, the heap's own image.
+    #[error("refusing to preserve {addr:#x}+{len:#x}: page {pfn:#x} is {found}")]
+    NotPreservable {
+        /// First byte of the request.
+        addr: u64,
+        /// Length of the request.
+        len: u64,
+        /// The offending page.
+        pfn: u64,
+        /// What it is instead.
+        found: &'static str,
+    },
     /// A fresh heap over an arena whose handover image was not restored.
     #[error(
         "the arena holds an unrestored handover image of generation {generation} at {offset:#x}: restore or discard it first"

@@ -213,7 +213,7 @@ impl SlabCache {
 
     /// A new empty slab from `zone`, pushed on the partial stack.
     fn grow(&self, g: &mut SlabInner, zone: &Zone, nowait: bool) -> Result<u32> {
-        let pfn = zone.alloc(self.order, nowait)?;
+        let pfn = zone.alloc_slab(self.order, nowait)?;
         Ok(self.install(
             g,
             pfn.0,
@@ -251,8 +251,8 @@ impl SlabCache {
     }
 
     /// Install a restored slab with its bitmap; its folio is already
-    /// claimed.
-    pub(crate) fn adopt(&self, pfn: Pfn, bitmap: Vec<u64>) -> Result<u32> {
+    /// claimed in `zone`, and becomes a slab page there.
+    pub(crate) fn adopt(&self, zone: &Zone, pfn: Pfn, bitmap: Vec<u64>) -> Result<u32> {
         let words = self.words();
         if bitmap.len() != words {
             return Err(Error::Inconsistent {
@@ -272,6 +272,7 @@ impl SlabCache {
             });
         }
         let live: u32 = bitmap.iter().map(|w| w.count_ones()).sum();
+        zone.mark_slab(pfn, self.order)?;
         let mut g = self.lock();
         g.live += u64::from(live);
         Ok(self.install(

@@ -6,4 +6,5 @@ mod common;
 mod fuzz;
 mod handover;
 mod heap_props;
+mod preserve;
 mod refusals;
