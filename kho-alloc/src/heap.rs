@@ -706,7 +706,7 @@ impl Heap {
         let weak = Arc::downgrade(&self.shared);
         let query: kfence::PreservedQuery = Box::new(move |pfn| {
             weak.upgrade()
-                .is_some_and(|shared| Heap { shared }.is_preserved(pfn))
+                .is_some_and(|shared| Heap { shared }.try_is_preserved(pfn).unwrap_or(true))
         });
         // SAFETY:
         // - the pool over this memory lives in `Shared::kfence`, declared
@@ -1482,10 +1482,41 @@ impl Heap {
     /// Whether `pfn` is preserved or will be at the next freeze: inside a
     /// folio given to `preserve_*`, or anywhere in the preservable pool
     /// (whose slab pages are preserved at freeze). The KFENCE pool must
-    /// never contain such a page.
+    /// never contain such a page. May wait for the map lock; see
+    /// [`try_is_preserved`](Self::try_is_preserved).
     pub fn is_preserved(&self, pfn: Pfn) -> bool {
-        self.region_of(pfn) == Some(Region::Preservable)
-            || lock(&self.shared.preserved).is_preserved(pfn).is_some()
+        if let Some(known) = self.preserved_fast(pfn) {
+            return known;
+        }
+        lock(&self.shared.preserved).is_preserved(pfn).is_some()
+    }
+
+    /// [`is_preserved`](Self::is_preserved) without waiting: `None` when
+    /// the map is busy (being changed, or copied by a freeze). Callers in
+    /// contexts that must not block (the KFENCE sampler) treat `None` as
+    /// "preserved".
+    pub fn try_is_preserved(&self, pfn: Pfn) -> Option<bool> {
+        if let Some(known) = self.preserved_fast(pfn) {
+            return Some(known);
+        }
+        let map = match self.shared.preserved.try_lock() {
+            Ok(m) => m,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(map.is_preserved(pfn).is_some())
+    }
+
+    /// The answers of `is_preserved` that need no lock.
+    #[inline]
+    fn preserved_fast(&self, pfn: Pfn) -> Option<bool> {
+        match self.region_of(pfn) {
+            Some(Region::Preservable) => Some(true),
+            // `preserve_*` refuses every other region.
+            Some(Region::General) => None,
+            _ => Some(false),
+        }
+        .or_else(|| (self.shared.preserved_count.load(Ordering::Acquire) == 0).then_some(false))
     }
 
     /// Declare `range` (inside preserved memory) valid for checkers.
@@ -1952,3 +1983,7 @@ impl PreservableCache {
         .free(obj)
     }
 }
+
+#[cfg(test)]
+#[path = "heap_tests.rs"]
+mod tests;
