@@ -402,6 +402,17 @@ impl Shared {
 
     /// Register a cache in a free slot (or `slot` if given).
     fn register(&self, slot: Option<usize>, cache: SlabCache) -> Result<u16> {
+        self.register_named(&mut lock(&self.names), slot, cache)
+    }
+
+    /// [`register`](Self::register) under the caller's hold of `names`, so
+    /// that a lookup and the registration it decided on are one step.
+    fn register_named(
+        &self,
+        names: &mut HashMap<String, u16>,
+        slot: Option<usize>,
+        cache: SlabCache,
+    ) -> Result<u16> {
         let i = match slot {
             Some(i) => i,
             None => (FIRST_NAMED..MAX_CACHES)
@@ -422,7 +433,7 @@ impl Shared {
                 value: i as u64,
                 limit: MAX_CACHES as u64,
             })?;
-        lock(&self.names).insert(name, i as u16);
+        names.insert(name, i as u16);
         Ok(i as u16)
     }
 }
@@ -1163,7 +1174,10 @@ impl Heap {
         let s = &self.shared;
         let (stride, order, per_slab) =
             crate::slab::geometry(size, align, self.layout().max_order)?;
-        let existing = lock(&s.names).get(name).copied();
+        // One critical section from lookup to registration: two threads
+        // asking for a new name get one cache.
+        let mut names = lock(&s.names);
+        let existing = names.get(name).copied();
         let index = match existing {
             Some(i) => {
                 let c = s.cache(i).ok_or(Error::InvalidConfig {
@@ -1204,9 +1218,10 @@ impl Heap {
                     self.layout().max_order,
                     true,
                 )?;
-                s.register(None, c)?
+                s.register_named(&mut names, None, c)?
             }
         };
+        drop(names);
         Ok(PreservableCache {
             shared: Arc::clone(&self.shared),
             index,

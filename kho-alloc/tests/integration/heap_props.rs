@@ -277,3 +277,38 @@ proptest! {
         }
     }
 }
+
+/// Threads asking at once for a new named cache all get the same one.
+#[test]
+fn concurrent_cache_creation_makes_one_cache() {
+    let heap = Heap::new(Arena::heap(&ArenaConfig::with_size(8 << 20)).unwrap()).unwrap();
+    for round in 0..8 {
+        let name = format!("shared-{round}");
+        let barrier = std::sync::Barrier::new(4);
+        let objs: Vec<Obj> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let c = heap.cache(&name, 64, 8).unwrap();
+                        c.alloc(GfpFlags::NONE).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let c = heap.cache(&name, 64, 8).unwrap();
+        assert_eq!(c.live(), 4, "{name}: objects spread over several caches");
+        for o in objs {
+            c.free(o).unwrap();
+        }
+    }
+    let frozen = heap.freeze(None).unwrap();
+    let image = kho_core::Image::parse(heap.frozen_bytes(&frozen).unwrap()).unwrap();
+    let mut names: Vec<&str> = image.slab_caches().map(|c| c.name()).collect();
+    let all = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), all, "duplicate cache names in the image");
+    heap.discard(frozen).unwrap();
+}
