@@ -91,6 +91,34 @@ fn class_of(size: usize) -> usize {
     }
 }
 
+/// Alignment of the objects of the size class of `size` bytes: the size
+/// for powers of two up to 64, 8 otherwise.
+#[inline]
+const fn class_align(size: u32) -> u32 {
+    if size.is_power_of_two() {
+        if size < 8 {
+            8
+        } else if size > 64 {
+            64
+        } else {
+            size
+        }
+    } else {
+        8
+    }
+}
+
+/// Alignment a request of `size` bytes gets from [`Heap::alloc`]: that of
+/// the size class serving it (sampled objects included).
+#[inline]
+fn alloc_align(size: usize) -> usize {
+    if size > MAX_OBJECT_SIZE as usize {
+        PAGE_SIZE as usize
+    } else {
+        class_align(SIZE_CLASSES[class_of(size)]) as usize
+    }
+}
+
 static NEXT_HEAP: AtomicU32 = AtomicU32::new(1);
 
 const KIND_SLAB: u8 = 0;
@@ -628,11 +656,7 @@ impl Heap {
             arena,
         };
         for (i, &size) in SIZE_CLASSES.iter().enumerate() {
-            let align = size.min(8).max(if size.is_power_of_two() {
-                size.min(64)
-            } else {
-                8
-            });
+            let align = class_align(size);
             let g = SlabCache::new(
                 0,
                 format!("kmalloc-{size}"),
@@ -893,7 +917,9 @@ impl Heap {
 
     /// Allocate `size` bytes: from the general size classes, from the
     /// preservable size classes with [`GfpFlags::PRESERVE`], or as a whole
-    /// folio above 4 KiB.
+    /// folio above 4 KiB. An object is aligned as its size class: to the
+    /// class size for powers of two up to 64 bytes, to 8 bytes otherwise,
+    /// to a page above 4 KiB; sampled objects alike.
     ///
     /// This is the single entry point of general object allocation: the
     /// KFENCE sampling hook belongs at its top (never for `PRESERVE`).
@@ -933,7 +959,7 @@ impl Heap {
     fn alloc_sampled(&self, size: usize, flags: GfpFlags) -> Option<Obj> {
         let k = self.shared.kfence.get()?;
         let preserve = flags.contains(GfpFlags::PRESERVE);
-        let addr = k.alloc_phys(size.max(1), 8, preserve)?;
+        let addr = k.alloc_phys(size.max(1), alloc_align(size), preserve)?;
         Some(Obj {
             addr: addr.raw(),
             heap: self.shared.id,

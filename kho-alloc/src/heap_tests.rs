@@ -56,3 +56,33 @@ fn sampling_never_waits_for_the_preserved_map() {
     }
     heap.free_pages(p).unwrap();
 }
+
+/// Sampled objects are aligned as the size class that would have served
+/// them, so `view::<T>` works whether or not a request was sampled.
+#[cfg(not(miri))]
+#[test]
+fn sampled_objects_keep_their_size_class_alignment() {
+    #[derive(zerocopy::FromBytes, zerocopy::KnownLayout, zerocopy::Immutable)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
+
+    let heap = Heap::new(Arena::anonymous(&ArenaConfig::with_size(16 << 20)).unwrap()).unwrap();
+    heap.enable_kfence(kfence::SampleMode::Count(1), PoolConfig::default())
+        .unwrap();
+    let mut sampled = 0;
+    for size in [1usize, 8, 16, 24, 33, 64, 100, 128, 1000, 4096] {
+        let want = class_align(SIZE_CLASSES[class_of(size)]) as u64;
+        for _ in 0..4 {
+            let o = heap.alloc(size, GfpFlags::NONE).unwrap();
+            if heap.region_of(o.addr().pfn()) == Some(Region::Kfence) {
+                sampled += 1;
+            }
+            assert_eq!(o.addr().0 % want, 0, "{size} B at {:?}", o.addr());
+            if size >= 64 && want == 64 {
+                heap.view::<Line>(&o).unwrap();
+            }
+            heap.free(o).unwrap();
+        }
+    }
+    assert!(sampled >= 10, "{sampled} sampled");
+}
