@@ -372,6 +372,17 @@ impl SlabCache {
         i < u64::from(self.per_slab) && slab.bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
+    /// Head PFNs of the slabs in use (tests).
+    #[cfg(test)]
+    pub(crate) fn slab_pfns(&self) -> Vec<u64> {
+        let g = self.lock();
+        g.slabs
+            .iter()
+            .filter(|s| s.pfn != VACANT)
+            .map(|s| s.pfn)
+            .collect()
+    }
+
     /// Allocated objects.
     pub(crate) fn live(&self) -> u64 {
         self.lock().live
@@ -496,6 +507,55 @@ mod tests {
         ));
         drop(g);
         assert_eq!(c.alloc_batch(&z, true, 1, &mut out).unwrap(), 1);
+    }
+
+    #[test]
+    fn adopt_checks_the_bitmap_and_the_folio() {
+        // 96-byte objects aligned 32: 42 per page, one bitmap word.
+        let c = SlabCache::new(0, "t".into(), 96, 32, Order::new(10).unwrap(), true).unwrap();
+        let z = zone();
+        let pfn = z.alloc(Order::ZERO, false).unwrap();
+        let addr = pfn.0 << kho_core::PAGE_SHIFT;
+        assert!(matches!(
+            c.adopt(&z, pfn, vec![1 << 42]),
+            Err(Error::Inconsistent {
+                what: "slab bitmap bits past the object count",
+                addr: a,
+                found: 1,
+                ..
+            }) if a == addr
+        ));
+        assert!(matches!(
+            c.adopt(&z, pfn, vec![0, 0]),
+            Err(Error::Inconsistent {
+                what: "slab bitmap words",
+                expected: 1,
+                found: 2,
+                ..
+            })
+        ));
+        // Not an allocated folio of the zone: a free page.
+        assert!(matches!(
+            c.adopt(&z, Pfn(200), vec![1]),
+            Err(Error::NotAllocated { .. })
+        ));
+        // Refusals leave no trace.
+        assert_eq!(c.live(), 0);
+        assert!(c.slab_pfns().is_empty());
+        assert_eq!(z.stats().slab_pages, 0);
+        let s = c.adopt(&z, pfn, vec![0b101]).unwrap();
+        assert_eq!(c.live(), 2);
+        assert_eq!(c.slab_pfns(), vec![pfn.0]);
+        assert_eq!(
+            z.owned_folios(pfn, Pfn(pfn.0 + 1)),
+            Err((pfn, "a slab page"))
+        );
+        c.check().unwrap();
+        // The free slots are available, the live ones are not handed out.
+        let mut out = Vec::new();
+        c.alloc_batch(&z, false, 40, &mut out).unwrap();
+        assert!(out.iter().all(|&(a, _)| a != addr && a != addr + 192));
+        assert!(c.free(addr + 192, s).unwrap().is_none());
     }
 
     #[test]
