@@ -220,7 +220,6 @@ impl Arena {
     /// Create a memfd (inheritable across `exec`) and format a new arena in
     /// it. Pass [`Arena::inheritable_fd`] to the successor. The memfd's
     /// size is sealed: no holder of the descriptor can shrink or grow it.
-    #[cfg(not(miri))]
     pub fn create_memfd(name: &str, config: &ArenaConfig) -> Result<Arena> {
         let layout = config.layout()?;
         let file = crate::mapping::memfd(name).map_err(Error::io("memfd_create"))?;
@@ -397,7 +396,6 @@ impl Arena {
 
     /// Clear `FD_CLOEXEC` on the backing file and return its descriptor
     /// number, for a successor started with `exec`.
-    #[cfg(not(miri))]
     pub fn inheritable_fd(&self) -> Result<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         let file = self.file.as_ref().ok_or(Error::InvalidConfig {
@@ -672,7 +670,7 @@ impl Arena {
     }
 }
 
-#[cfg(all(test, not(miri)))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
@@ -682,6 +680,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn create_open_and_commit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("arena");
@@ -718,6 +717,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn torn_slot_falls_back_to_previous_generation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("arena");
@@ -738,6 +738,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn bad_files_are_typed_and_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let small = dir.path().join("small");
@@ -806,6 +807,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn memfd_lock_passes_with_the_descriptor() {
         let a = Arena::create_memfd("kho-test", &cfg()).unwrap();
         let fd = a.inheritable_fd().unwrap();
@@ -842,6 +844,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn one_writable_arena_per_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("arena");

@@ -830,15 +830,20 @@ mod tests {
                 3 => (0u8..=10).prop_map(Op::Alloc),
                 2 => any::<usize>().prop_map(Op::Free),
             ],
-            1..300,
+            1..if cfg!(miri) { 60 } else { 300 },
         )
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 200 }))]
+        #![proptest_config(if cfg!(miri) {
+        // Under Miri: few cases, and no failure file (no file system).
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(4) }
+    } else {
+        ProptestConfig::with_cases(200)
+    })]
 
         #[test]
-        fn random_sequences_keep_invariants(start in 0u64..2048, pages in 1u64..5000, ops in ops()) {
+        fn random_sequences_keep_invariants(start in 0u64..2048, pages in 1u64..if cfg!(miri) { 600 } else { 5000 }, ops in ops()) {
             let z = zone(start, pages);
             let mut live: Vec<(u64, u64)> = Vec::new();
             for op in ops {
@@ -890,8 +895,8 @@ mod tests {
         #[test]
         fn claims_release_and_nowait_keep_invariants(
             start in 0u64..1024,
-            pages in 1u64..3000,
-            claims in prop::collection::vec((any::<u64>(), 0u8..=11), 0..40),
+            pages in 1u64..if cfg!(miri) { 600 } else { 3000 },
+            claims in prop::collection::vec((any::<u64>(), 0u8..=11), 0..if cfg!(miri) { 12 } else { 40 }),
             ops in ops(),
             nowait in prop::collection::vec(any::<bool>(), 300),
             held in prop::collection::vec(prop::bool::weighted(0.1), 300),

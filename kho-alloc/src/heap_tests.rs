@@ -237,7 +237,12 @@ mod census {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 2 } else { 48 }))]
+        #![proptest_config(if cfg!(miri) {
+        // Under Miri: few cases, and no failure file (no file system).
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(2) }
+    } else {
+        ProptestConfig::with_cases(48)
+    })]
 
         #[test]
         fn every_page_is_in_exactly_one_state(ops in ops()) {

@@ -79,6 +79,5 @@ pub use heap::{
     Restored, RestoredCache, SIZE_CLASSES,
 };
 pub use layout::{ArenaConfig, Layout, Region};
-#[cfg(not(miri))]
 pub use mapping::ReadOnlyFile;
 pub use superblock::{ImageLocation, Superblock};

@@ -15,6 +15,8 @@ use memmap2::{MmapOptions, MmapRaw};
 const HEAP_ALIGN: usize = 4096;
 
 enum Backing {
+    // Under Miri every arena is heap memory.
+    #[cfg_attr(miri, allow(dead_code))]
     Mmap(MmapRaw),
     Heap(std::alloc::Layout),
 }
@@ -207,7 +209,6 @@ impl Drop for Mapping {
 /// Create an anonymous memory file with `memfd_create`, without
 /// `MFD_CLOEXEC` so that the descriptor survives `exec`, and with sealing
 /// allowed so that its size can be fixed ([`seal_size`]).
-#[cfg(not(miri))]
 pub(crate) fn memfd(name: &str) -> io::Result<File> {
     use std::os::fd::FromRawFd;
 
@@ -227,7 +228,6 @@ pub(crate) fn memfd(name: &str) -> io::Result<File> {
 /// Seal the size of a memfd (`F_SEAL_SHRINK | F_SEAL_GROW`): no holder of
 /// the descriptor, in this process or another, can truncate the memory
 /// under a mapping of it (which would turn accesses into `SIGBUS`).
-#[cfg(not(miri))]
 pub(crate) fn seal_size(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
 
@@ -259,7 +259,6 @@ pub(crate) enum LockKind {
 /// and `exec`) holds it too, and it is released when the last of them is
 /// closed. It is never released explicitly, so that a successor holding
 /// an inherited descriptor keeps it after the predecessor closes its own.
-#[cfg(not(miri))]
 pub(crate) fn try_lock(file: &File, kind: LockKind) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
 
@@ -284,15 +283,8 @@ pub(crate) fn try_lock(file: &File, kind: LockKind) -> io::Result<bool> {
     }
 }
 
-/// Under Miri there are no file arenas to lock.
-#[cfg(miri)]
-pub(crate) fn try_lock(_file: &File, _kind: LockKind) -> io::Result<bool> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
-}
-
 /// Clear `FD_CLOEXEC` on `file` so that a successor started with `exec`
 /// inherits it.
-#[cfg(not(miri))]
 pub(crate) fn clear_cloexec(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
 
@@ -318,12 +310,10 @@ pub(crate) fn clear_cloexec(file: &File) -> io::Result<()> {
 ///
 /// Nothing is ever written through it. The mapping reflects later writes to
 /// the file by other processes; tools inspect files at rest.
-#[cfg(not(miri))]
 pub struct ReadOnlyFile {
     map: Option<memmap2::Mmap>,
 }
 
-#[cfg(not(miri))]
 impl std::fmt::Debug for ReadOnlyFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadOnlyFile")
@@ -332,7 +322,6 @@ impl std::fmt::Debug for ReadOnlyFile {
     }
 }
 
-#[cfg(not(miri))]
 impl ReadOnlyFile {
     /// Map all of `file` read-only (an empty file maps to no bytes).
     pub fn map(file: &File) -> io::Result<ReadOnlyFile> {
@@ -349,7 +338,7 @@ impl ReadOnlyFile {
         //   treat every byte as untrusted input, so a concurrent change can
         //   produce a wrong report but no out-of-bounds access (all reads go
         //   through the slice's bounds checks).
-        let map = unsafe { memmap2::MmapOptions::new().map(file) }?;
+        let map = unsafe { MmapOptions::new().map(file) }?;
         Ok(ReadOnlyFile { map: Some(map) })
     }
 

@@ -573,12 +573,20 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 128 }))]
+        #![proptest_config(if cfg!(miri) {
+        // Under Miri: few cases, and no failure file (no file system).
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(4) }
+    } else {
+        ProptestConfig::with_cases(128)
+    })]
 
         #[test]
         fn random_alloc_free_keeps_invariants(
             size in prop_oneof![Just(8u32), Just(64), Just(256), Just(4096), 1u32..4096],
-            ops in prop::collection::vec((any::<bool>(), any::<usize>()), 1..400),
+            ops in prop::collection::vec(
+                (any::<bool>(), any::<usize>()),
+                1..if cfg!(miri) { 60 } else { 400 },
+            ),
         ) {
             let c = SlabCache::new(1, "p".into(), size, 8, Order::new(10).unwrap(), false).unwrap();
             let z = zone();

@@ -1,6 +1,9 @@
 //! The KFENCE sampler wired into the heap: exclusion with the real
 //! allocator, the image's KFENCE section, disable at freeze, and a real
 //! use-after-free through heap objects caught by the fault handler.
+// Under Miri: guard pages (mprotect), signals and child processes are
+// unsupported.
+#![cfg(not(miri))]
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;

@@ -1,6 +1,8 @@
 //! Handover sessions: the state machine, cancel, compatibility, crash
 //! consistency at every fault point (in child processes that die there),
 //! frees from signal handlers, and restart handover.
+// Under Miri: memfd, files, signals and child processes are unsupported.
+#![cfg(not(miri))]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

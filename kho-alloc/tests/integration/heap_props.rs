@@ -24,7 +24,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
             1 => (0u8..=4, any::<bool>()).prop_map(|(o, p)| Op::Pages(o, p)),
             4 => any::<usize>().prop_map(Op::Free),
         ],
-        1..250,
+        1..if cfg!(miri) { 25 } else { 250 },
     )
 }
 
@@ -34,7 +34,12 @@ enum Live {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 64 }))]
+    #![proptest_config(if cfg!(miri) {
+        // Under Miri: few cases, and no failure file (no file system).
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(2) }
+    } else {
+        ProptestConfig::with_cases(64)
+    })]
 
     #[test]
     fn heap_alloc_free_keeps_memory_disjoint_and_intact(ops in ops()) {
@@ -174,7 +179,7 @@ fn heap_is_send_and_sync_and_threads_share_it() {
             let kv = kv.clone();
             std::thread::spawn(move || {
                 let mut mine = Vec::new();
-                for i in 0..2000u64 {
+                for i in 0..if cfg!(miri) { 100 } else { 2000u64 } {
                     let mut o = if i % 2 == 0 {
                         heap.alloc(48, GfpFlags::NONE).unwrap()
                     } else {
@@ -209,14 +214,22 @@ fn heap_is_send_and_sync_and_threads_share_it() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 2 } else { 48 }))]
+    #![proptest_config(if cfg!(miri) {
+        // Under Miri: few cases, and no failure file (no file system).
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(2) }
+    } else {
+        ProptestConfig::with_cases(48)
+    })]
 
     /// Any mix of live and freed objects in preservable caches survives a
     /// freeze and restore: the same addresses, the same bytes, and the
     /// restored caches keep allocating without overlap.
     #[test]
     fn freeze_restore_round_trips_any_state(
-        ops in prop::collection::vec((0usize..3, any::<bool>(), any::<usize>()), 1..300),
+        ops in prop::collection::vec(
+            (0usize..3, any::<bool>(), any::<usize>()),
+            1..if cfg!(miri) { 40 } else { 300 },
+        ),
     ) {
         let heap = Heap::new(Arena::heap(&ArenaConfig::with_size(8 << 20)).unwrap()).unwrap();
         let specs = [("small", 24u32, 8u32), ("mid", 200, 64), ("page", 4096, 4096)];
@@ -288,7 +301,7 @@ proptest! {
 #[test]
 fn concurrent_cache_creation_makes_one_cache() {
     let heap = Heap::new(Arena::heap(&ArenaConfig::with_size(8 << 20)).unwrap()).unwrap();
-    for round in 0..8 {
+    for round in 0..if cfg!(miri) { 2 } else { 8 } {
         let name = format!("shared-{round}");
         let barrier = std::sync::Barrier::new(4);
         let objs: Vec<Obj> = std::thread::scope(|s| {
