@@ -5,8 +5,14 @@
 //! per-thread fast path. `1thread/*` runs on the bench thread; `2threads/*`
 //! runs the same loop on two threads at once and reports the combined
 //! rate. `preservable/*` is a named preservable cache (locked path, no
-//! magazines) for reference. The ratio to report is System time / kho time
-//! for the same size and thread count.
+//! magazines) for reference.
+//!
+//! The ratio to report is System time / kho time for the same size and
+//! thread count (target: at least 1.0). After the criterion groups the
+//! bench computes it and prints one line per size and thread count,
+//! `slab ratio <threads>thread <size>B system/kho = <ratio>`, from rounds
+//! of the two loops interleaved (the median of each side), so that both
+//! sides see the same machine state.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -129,5 +135,64 @@ fn slab(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, slab);
+/// Rounds per ratio, and batches per round and thread.
+const ROUNDS: usize = 11;
+const ROUND_BATCHES: u64 = 2_000;
+
+/// Wall time of `iters` runs of `work` on one thread.
+fn one_thread(iters: u64, mut work: impl FnMut()) -> Duration {
+    let t = Instant::now();
+    for _ in 0..iters {
+        work();
+    }
+    t.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// System time / kho time for every size and thread count of the groups
+/// above, printed to standard error. Only a measuring run (`--bench`)
+/// computes them; test runners list and smoke-test the groups without it.
+fn ratios(_: &mut Criterion) {
+    let mut args = std::env::args();
+    if !args.any(|a| a == "--bench") || std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let heap = heap();
+    for threads in [1, 2] {
+        for size in SIZES {
+            let layout = Layout::from_size_align(size, 8).expect("layout");
+            let (mut kho, mut system) = (Vec::new(), Vec::new());
+            let mut objs = Vec::with_capacity(BATCH);
+            let mut ptrs = Vec::with_capacity(BATCH);
+            for _ in 0..ROUNDS {
+                if threads == 1 {
+                    kho.push(one_thread(ROUND_BATCHES, || {
+                        kho_batch(&heap, size, &mut objs)
+                    }));
+                    system.push(one_thread(ROUND_BATCHES, || {
+                        system_batch(layout, &mut ptrs)
+                    }));
+                } else {
+                    kho.push(two_threads(ROUND_BATCHES, || {
+                        kho_batch(&heap, size, &mut Vec::with_capacity(BATCH))
+                    }));
+                    system.push(two_threads(ROUND_BATCHES, || {
+                        system_batch(layout, &mut Vec::with_capacity(BATCH))
+                    }));
+                }
+            }
+            let (k, s) = (median(kho), median(system));
+            eprintln!(
+                "slab ratio {threads}thread {size}B system/kho = {:.2}",
+                s.as_secs_f64() / k.as_secs_f64().max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+}
+
+criterion_group!(benches, slab, ratios);
 criterion_main!(benches);

@@ -1,9 +1,31 @@
 //! The arena: one contiguous mapping with two superblock slots.
 //!
-//! Opening an existing arena reads the superblock pages with ordinary reads
-//! of a read-only descriptor and validates them before anything is mapped
-//! writable; a foreign, truncated or doubly corrupt file is reported with a
-//! typed error and never modified.
+//! Opening an existing arena locks the file, then reads the superblock
+//! pages with ordinary reads and validates them before anything is mapped;
+//! a foreign, truncated or doubly corrupt file is reported with a typed
+//! error and never modified.
+//!
+//! # One arena per file
+//!
+//! The bytes of a file arena are handed out as Rust slices, so no two
+//! arenas may map one file while either can write it. Every file arena
+//! holds an `flock` of its file (exclusive when writable, shared when
+//! read-only) for its whole life, taken without waiting: a conflicting
+//! open is [`Error::Busy`]. The lock belongs to the open file description,
+//! so a descriptor inherited across `exec` hands it to the successor
+//! ([`Arena::open_file`]); within one process a table of open files also
+//! refuses a second arena over a duplicated descriptor.
+//!
+//! What the lock cannot exclude, and callers must not do:
+//!
+//! - write or truncate the file other than through its arena: `flock` is
+//!   advisory, so another program (or [`Arena::file`] used directly) can
+//!   change bytes under a live slice, and shrinking a file under a mapping
+//!   makes accesses fault with `SIGBUS` (memfd arenas are sealed against
+//!   resizing, regular files cannot be);
+//! - keep using an arena after handing its descriptor to a successor, or
+//!   in both processes after `fork`: they share the open file description
+//!   and so the lock.
 //!
 //! A handover image is committed in three separable steps, so that callers
 //! can inject faults between them:
@@ -24,7 +46,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use kho_core::{Pfn, PhysAddr, PhysRange, PAGE_SIZE};
@@ -34,7 +56,7 @@ use zerocopy::IntoBytes;
 use crate::error::SlotError;
 use crate::error::{Error, Result};
 use crate::layout::{ArenaConfig, Layout, Region, MIN_ARENA_SIZE, SUPERBLOCK_PAGES};
-use crate::mapping::Mapping;
+use crate::mapping::{LockKind, Mapping};
 use crate::raw;
 use crate::session::fault::{self, FaultPoint};
 use crate::superblock::{ImageLocation, Superblock, FLAG_RESTORED};
@@ -65,41 +87,159 @@ pub struct Arena {
     layout: Layout,
     file: Option<File>,
     meta: Mutex<Meta>,
+    /// This process's claim on the file, released after the mapping is
+    /// gone.
+    _claim: Option<Claim>,
+}
+
+/// A file held by an arena of this process: `flock` cannot tell two
+/// arenas apart when they share one open file description (a duplicated
+/// descriptor), so the process keeps its own table as well.
+#[derive(Debug)]
+struct OpenFile {
+    dev: u64,
+    ino: u64,
+    writers: u32,
+    readers: u32,
+}
+
+static OPEN_FILES: Mutex<Vec<OpenFile>> = Mutex::new(Vec::new());
+
+fn open_files() -> MutexGuard<'static, Vec<OpenFile>> {
+    OPEN_FILES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An arena's hold on its file: an entry in [`OPEN_FILES`] and an `flock`
+/// of the file (exclusive for a writable arena, shared for a read-only
+/// one). The entry goes on drop; the `flock` goes with the last descriptor
+/// of its open file description (see [`crate::mapping::try_lock`]).
+#[derive(Debug)]
+struct Claim {
+    dev: u64,
+    ino: u64,
+    writable: bool,
+}
+
+impl Claim {
+    fn take(file: &File, writable: bool, path: impl Fn() -> PathBuf) -> Result<Claim> {
+        use std::os::unix::fs::MetadataExt;
+
+        let meta = file.metadata().map_err(Error::io("fstat"))?;
+        let (dev, ino) = (meta.dev(), meta.ino());
+        {
+            let mut open = open_files();
+            match open.iter_mut().find(|o| o.dev == dev && o.ino == ino) {
+                Some(o) if o.writers > 0 => {
+                    return Err(Error::Busy {
+                        path: path(),
+                        holder: "a writable arena of this process",
+                    })
+                }
+                Some(_) if writable => {
+                    return Err(Error::Busy {
+                        path: path(),
+                        holder: "a read-only arena of this process",
+                    })
+                }
+                Some(o) => o.readers += 1,
+                None => open.push(OpenFile {
+                    dev,
+                    ino,
+                    writers: u32::from(writable),
+                    readers: u32::from(!writable),
+                }),
+            }
+        }
+        // From here on, dropping `claim` undoes the entry.
+        let claim = Claim { dev, ino, writable };
+        let kind = if writable {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        };
+        if !crate::mapping::try_lock(file, kind).map_err(Error::io("flock"))? {
+            return Err(Error::Busy {
+                path: path(),
+                holder: if writable {
+                    "locked by another open of the file (another process or descriptor)"
+                } else {
+                    "locked by a writable arena"
+                },
+            });
+        }
+        Ok(claim)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut open = open_files();
+        if let Some(i) = open
+            .iter()
+            .position(|o| o.dev == self.dev && o.ino == self.ino)
+        {
+            let o = &mut open[i];
+            if self.writable {
+                o.writers = o.writers.saturating_sub(1);
+            } else {
+                o.readers = o.readers.saturating_sub(1);
+            }
+            if o.writers == 0 && o.readers == 0 {
+                open.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// What `/proc/self/fd` says `file` is, for messages.
+fn descriptor_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+
+    let fd = file.as_raw_fd();
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .unwrap_or_else(|_| PathBuf::from(format!("descriptor {fd}")))
 }
 
 impl Arena {
-    /// Create (or truncate) the file at `path` and format a new arena in it.
+    /// Create (or truncate) the file at `path` and format a new arena in
+    /// it. An arena open on the file (in this process or another) makes
+    /// this [`Error::Busy`], and the file is then left as it was.
     pub fn create_file(path: impl AsRef<Path>, config: &ArenaConfig) -> Result<Arena> {
+        let path = path.as_ref();
         let layout = config.layout()?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(Error::io("open"))?;
-        Self::format_file(file, layout)
+        let claim = Claim::take(&file, true, || path.to_owned())?;
+        // Only now that no other arena can have the file mapped: shrinking
+        // a file under someone's mapping turns their accesses into SIGBUS.
+        file.set_len(0).map_err(Error::io("ftruncate"))?;
+        file.set_len(layout.size())
+            .map_err(Error::io("ftruncate"))?;
+        Self::format_file(file, layout, claim)
     }
 
     /// Create a memfd (inheritable across `exec`) and format a new arena in
-    /// it. Pass [`Arena::inheritable_fd`] to the successor.
-    #[cfg(not(miri))]
+    /// it. Pass [`Arena::inheritable_fd`] to the successor. The memfd's
+    /// size is sealed: no holder of the descriptor can shrink or grow it.
     pub fn create_memfd(name: &str, config: &ArenaConfig) -> Result<Arena> {
         let layout = config.layout()?;
         let file = crate::mapping::memfd(name).map_err(Error::io("memfd_create"))?;
-        Self::format_file(file, layout)
-    }
-
-    fn format_file(file: File, layout: Layout) -> Result<Arena> {
+        let claim = Claim::take(&file, true, || PathBuf::from(format!("memfd:{name}")))?;
         file.set_len(layout.size())
             .map_err(Error::io("ftruncate"))?;
-        let len = usize::try_from(layout.size()).map_err(|_| Error::InvalidConfig {
-            what: "size",
-            value: layout.size(),
-            limit: usize::MAX as u64,
-        })?;
+        crate::mapping::seal_size(&file).map_err(Error::io("fcntl"))?;
+        Self::format_file(file, layout, claim)
+    }
+
+    fn format_file(file: File, layout: Layout, claim: Claim) -> Result<Arena> {
+        let len = Self::usize_len(&layout)?;
         let map = Mapping::file(&file, len, true).map_err(Error::io("mmap"))?;
-        Self::format(map, layout, Some(file))
+        Self::format(map, layout, Some((file, claim)))
     }
 
     /// A new arena in private anonymous memory (heap memory under Miri).
@@ -124,18 +264,20 @@ impl Arena {
         })
     }
 
-    fn format(map: Mapping, layout: Layout, file: Option<File>) -> Result<Arena> {
+    fn format(map: Mapping, layout: Layout, file: Option<(File, Claim)>) -> Result<Arena> {
         let first = Superblock {
             layout,
             generation: 1,
             image: None,
             flags: 0,
         };
+        let (file, claim) = file.unzip();
         let arena = Arena {
             map,
             layout,
             file,
             meta: Mutex::new(Meta { slot: 0, sb: first }),
+            _claim: claim,
         };
         // Both slots valid: slot 1 at generation 0, slot 0 current.
         arena.write_slot(
@@ -150,36 +292,49 @@ impl Arena {
         Ok(arena)
     }
 
-    /// Open an existing arena file read-write. The superblocks are
-    /// validated through a read-only descriptor first; nothing is written.
+    /// Open an existing arena file read-write. The file is locked first
+    /// (an arena open on it elsewhere gives [`Error::Busy`]), then its
+    /// superblocks are validated with ordinary reads before anything is
+    /// mapped; nothing is written.
     pub fn open(path: impl AsRef<Path>) -> Result<Arena> {
         let path = path.as_ref();
-        {
-            let probe = File::open(path).map_err(Error::io("open"))?;
-            Self::probe(&probe)?;
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(Error::io("open"))?;
-        Self::open_file(file)
+        Self::open_with(file, true, Some(path))
     }
 
-    /// Open an arena from an already open read-write descriptor (for
-    /// example a memfd inherited across `exec`).
+    /// Open an arena from an already open read-write descriptor, such as a
+    /// memfd inherited across `exec` (see
+    /// [`session::inherited_arena`](crate::session::inherited_arena)).
+    ///
+    /// The lock is taken on `file`'s open file description. A descriptor
+    /// inherited from the predecessor shares the predecessor's, so the
+    /// predecessor's lock passes to the successor; reopening the same file
+    /// by path (`/proc/self/fd/N` included) makes a new description, which
+    /// the predecessor's lock excludes.
     pub fn open_file(file: File) -> Result<Arena> {
-        Self::open_with(file, true)
+        Self::open_with(file, true, None)
     }
 
     /// Open an arena for inspection only: mapped read-only, every write
-    /// refused with [`Error::ReadOnly`].
+    /// refused with [`Error::ReadOnly`]. Read-only arenas share the file
+    /// with each other but not with a writable one ([`Error::Busy`]).
     pub fn open_readonly(path: impl AsRef<Path>) -> Result<Arena> {
+        let path = path.as_ref();
         let file = File::open(path).map_err(Error::io("open"))?;
-        Self::open_with(file, false)
+        Self::open_with(file, false, Some(path))
     }
 
-    fn open_with(file: File, writable: bool) -> Result<Arena> {
+    fn open_with(file: File, writable: bool, path: Option<&Path>) -> Result<Arena> {
+        let claim = Claim::take(&file, writable, || match path {
+            Some(p) => p.to_owned(),
+            None => descriptor_path(&file),
+        })?;
+        // Read under the lock: no other arena can publish a slot from here
+        // on, so the superblock kept in `meta` stays the current one.
         let (slot, sb) = Self::probe(&file)?;
         let len = Self::usize_len(&sb.layout)?;
         let map = Mapping::file(&file, len, writable).map_err(Error::io("mmap"))?;
@@ -188,6 +343,7 @@ impl Arena {
             layout: sb.layout,
             file: Some(file),
             meta: Mutex::new(Meta { slot, sb }),
+            _claim: Some(claim),
         })
     }
 
@@ -247,7 +403,6 @@ impl Arena {
 
     /// Clear `FD_CLOEXEC` on the backing file and return its descriptor
     /// number, for a successor started with `exec`.
-    #[cfg(not(miri))]
     pub fn inheritable_fd(&self) -> Result<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         let file = self.file.as_ref().ok_or(Error::InvalidConfig {
@@ -334,6 +489,10 @@ impl Arena {
         //   above for writable arenas; all other writes need `&mut self`, or
         //   happen inside a `Heap` that owns this arena and never lends out
         //   `&Arena`.
+        // - No other arena writes the file while this one lives: a file
+        //   arena holds its file's lock (module docs), which excludes every
+        //   writable arena but one; writers outside kho are excluded by
+        //   contract (module docs).
         Ok(unsafe { raw::slice(self.map.ptr(), off, len) })
     }
 
@@ -519,6 +678,16 @@ impl Arena {
         Ok(next.generation)
     }
 
+    /// Give up the current handover image without restoring it: publish a
+    /// superblock without an image (the next generation) and return its
+    /// generation. Without an image nothing is written.
+    pub fn discard_image(&self) -> Result<u64> {
+        if self.current_image().is_none() {
+            return Ok(self.generation());
+        }
+        self.publish(None)
+    }
+
     /// Steps 2 and 3 of a commit: `msync` the image range, then publish.
     pub fn commit_image(&self, image: ImageLocation) -> Result<u64> {
         self.check_image_location(Some(image))?;
@@ -590,7 +759,7 @@ impl Arena {
     }
 }
 
-#[cfg(all(test, not(miri)))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
@@ -600,6 +769,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn create_open_and_commit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("arena");
@@ -636,6 +806,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn torn_slot_falls_back_to_previous_generation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("arena");
@@ -656,6 +827,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn a_failed_publish_leaves_no_new_slot() {
         use crate::session::{arm, disarm, FaultAction};
         let dir = tempfile::tempdir().unwrap();
@@ -684,6 +856,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
     fn bad_files_are_typed_and_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let small = dir.path().join("small");
@@ -752,11 +925,99 @@ mod tests {
     }
 
     #[test]
-    fn memfd_arena_reopens_through_proc() {
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
+    fn memfd_lock_passes_with_the_descriptor() {
         let a = Arena::create_memfd("kho-test", &cfg()).unwrap();
         let fd = a.inheritable_fd().unwrap();
         a.publish(None).unwrap();
-        let b = Arena::open(format!("/proc/self/fd/{fd}")).unwrap();
+        let proc_path = format!("/proc/self/fd/{fd}");
+        assert!(matches!(
+            Arena::open(&proc_path),
+            Err(Error::Busy {
+                holder: "a writable arena of this process",
+                ..
+            })
+        ));
+        // What a successor inherits: a descriptor of the same open file
+        // description, which carries the lock.
+        let inherited = a.file().unwrap().try_clone().unwrap();
+        drop(a);
+        // A new description of the memfd is still excluded by that lock.
+        let proc_path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&inherited)
+        );
+        match Arena::open(&proc_path) {
+            Err(Error::Busy { path, holder }) => {
+                assert_eq!(path, PathBuf::from(&proc_path));
+                assert!(holder.starts_with("locked by another open"), "{holder}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let b = Arena::open_file(inherited).unwrap();
         assert_eq!(b.generation(), 2);
+        // The size is sealed: nobody can truncate the memory under the map.
+        assert!(b.file().unwrap().set_len(PAGE_SIZE).is_err());
+        assert!(b.file().unwrap().set_len(b.size() * 2).is_err());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "files, mmap and flock")]
+    fn one_writable_arena_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arena");
+        let a = Arena::create_file(&path, &cfg()).unwrap();
+        a.publish(None).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let busy_here = |r: Result<Arena>| match r {
+            Err(Error::Busy { path: p, holder }) => {
+                assert_eq!(holder, "a writable arena of this process");
+                p
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(busy_here(Arena::open(&path)), path);
+        busy_here(Arena::open_readonly(&path));
+        busy_here(Arena::create_file(&path, &cfg()));
+        // A duplicated descriptor shares the `flock`; the process table
+        // still refuses a second arena over it.
+        let dup = a.file().unwrap().try_clone().unwrap();
+        let p = busy_here(Arena::open_file(dup));
+        assert!(p.ends_with("arena"), "{p:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        drop(a);
+
+        // Readers share the file, and exclude a writer.
+        let r1 = Arena::open_readonly(&path).unwrap();
+        let r2 = Arena::open_readonly(&path).unwrap();
+        assert!(matches!(
+            Arena::open(&path),
+            Err(Error::Busy {
+                holder: "a read-only arena of this process",
+                ..
+            })
+        ));
+        drop((r1, r2));
+
+        // Another open file description, as another process would hold.
+        let other = File::open(&path).unwrap();
+        assert!(crate::mapping::try_lock(&other, LockKind::Exclusive).unwrap());
+        for r in [
+            Arena::open(&path),
+            Arena::create_file(&path, &cfg()),
+            Arena::open_readonly(&path),
+        ] {
+            assert!(matches!(r, Err(Error::Busy { .. })), "{r:?}");
+        }
+        // `create_file` truncates only once it holds the lock.
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        drop(other);
+        let other = File::open(&path).unwrap();
+        assert!(crate::mapping::try_lock(&other, LockKind::Shared).unwrap());
+        assert!(matches!(Arena::open(&path), Err(Error::Busy { .. })));
+        let r = Arena::open_readonly(&path).unwrap();
+        assert_eq!(r.generation(), 2);
+        drop((r, other));
+        assert_eq!(Arena::open(&path).unwrap().generation(), 2);
     }
 }

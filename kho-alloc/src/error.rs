@@ -251,6 +251,38 @@ pub enum Error {
         /// The report's title line.
         title: String,
     },
+    /// Another arena holds the file: a writable arena excludes every
+    /// other, a read-only one excludes writers.
+    #[error("arena {} is busy: {holder}", path.display())]
+    Busy {
+        /// The file (for a descriptor, what `/proc/self/fd` names).
+        path: std::path::PathBuf,
+        /// Who holds it.
+        holder: &'static str,
+    },
+    /// Preservation of memory that is not part of a folio handed to an
+    /// owner: free pages, slab pages, the heap's own image.
+    #[error("refusing to preserve {addr:#x}+{len:#x}: page {pfn:#x} is {found}")]
+    NotPreservable {
+        /// First byte of the request.
+        addr: u64,
+        /// Length of the request.
+        len: u64,
+        /// The offending page.
+        pfn: u64,
+        /// What it is instead.
+        found: &'static str,
+    },
+    /// A fresh heap over an arena whose handover image was not restored.
+    #[error(
+        "the arena holds an unrestored handover image of generation {generation} at {offset:#x}: restore or discard it first"
+    )]
+    PendingHandover {
+        /// Generation of the superblock pointing at the image.
+        generation: u64,
+        /// Arena offset of the image.
+        offset: u64,
+    },
 }
 
 /// Result alias for kho-alloc.

@@ -36,8 +36,12 @@ impl GfpFlags {
     /// No flags: general memory, contents unspecified, may wait for locks.
     pub const NONE: GfpFlags = GfpFlags(0);
     /// Serve from the preservable pool only (never scratch, never the
-    /// KFENCE pool, never sampled). Objects land in preservable size-class
-    /// caches that are preserved at freeze.
+    /// KFENCE pool, never sampled). Objects up to 4 KiB land in preservable
+    /// size-class caches, whose slab pages every freeze preserves. Larger
+    /// objects, like [`Heap::alloc_pages`] folios, get a whole folio of the
+    /// pool, which crosses a handover only if its owner preserves it
+    /// ([`Heap::preserve_obj`], [`Heap::preserve_pages`]); the successor
+    /// finds it in [`Restored::folios`] and releases every other page.
     pub const PRESERVE: GfpFlags = GfpFlags(1);
     /// Zero the memory before returning it.
     pub const ZERO: GfpFlags = GfpFlags(2);
@@ -85,6 +89,34 @@ fn class_of(size: usize) -> usize {
         513..=1024 => 9,
         1025..=2048 => 10,
         _ => 11,
+    }
+}
+
+/// Alignment of the objects of the size class of `size` bytes: the size
+/// for powers of two up to 64, 8 otherwise.
+#[inline]
+const fn class_align(size: u32) -> u32 {
+    if size.is_power_of_two() {
+        if size < 8 {
+            8
+        } else if size > 64 {
+            64
+        } else {
+            size
+        }
+    } else {
+        8
+    }
+}
+
+/// Alignment a request of `size` bytes gets from [`Heap::alloc`]: that of
+/// the size class serving it (sampled objects included).
+#[inline]
+fn alloc_align(size: usize) -> usize {
+    if size > MAX_OBJECT_SIZE as usize {
+        PAGE_SIZE as usize
+    } else {
+        class_align(SIZE_CLASSES[class_of(size)]) as usize
     }
 }
 
@@ -428,6 +460,17 @@ impl Shared {
 
     /// Register a cache in a free slot (or `slot` if given).
     fn register(&self, slot: Option<usize>, cache: SlabCache) -> Result<u16> {
+        self.register_named(&mut lock(&self.names), slot, cache)
+    }
+
+    /// [`register`](Self::register) under the caller's hold of `names`, so
+    /// that a lookup and the registration it decided on are one step.
+    fn register_named(
+        &self,
+        names: &mut HashMap<String, u16>,
+        slot: Option<usize>,
+        cache: SlabCache,
+    ) -> Result<u16> {
         let i = match slot {
             Some(i) => i,
             None => (FIRST_NAMED..MAX_CACHES)
@@ -448,7 +491,7 @@ impl Shared {
                 value: i as u64,
                 limit: MAX_CACHES as u64,
             })?;
-        lock(&self.names).insert(name, i as u16);
+        names.insert(name, i as u16);
         Ok(i as u16)
     }
 }
@@ -643,11 +686,7 @@ impl Heap {
             arena,
         };
         for (i, &size) in SIZE_CLASSES.iter().enumerate() {
-            let align = size.min(8).max(if size.is_power_of_two() {
-                size.min(64)
-            } else {
-                8
-            });
+            let align = class_align(size);
             let g = SlabCache::new(
                 0,
                 format!("kmalloc-{size}"),
@@ -671,11 +710,23 @@ impl Heap {
     }
 
     /// A fresh heap over `arena`: every page of the general and preservable
-    /// regions free. Whatever image the arena holds is left in place but
-    /// not restored (use [`Heap::restore`] for that).
+    /// regions free.
+    ///
+    /// An arena whose current image was not restored yet holds a handover
+    /// that a fresh heap would overwrite page by page: that is refused with
+    /// [`Error::PendingHandover`]. Restore it ([`Heap::restore`]) or give it
+    /// up explicitly first ([`Arena::discard_image`]).
     pub fn new(arena: Arena) -> Result<Heap> {
         if !arena.is_writable() {
             return Err(Error::ReadOnly);
+        }
+        if let Some(image) = arena.current_image() {
+            if !arena.image_restored() {
+                return Err(Error::PendingHandover {
+                    generation: arena.generation(),
+                    offset: image.offset,
+                });
+            }
         }
         let shared = Self::build(arena, Self::next_id()?, true)?;
         Ok(Heap {
@@ -729,20 +780,7 @@ impl Heap {
             // wait for the preserved map.
             fn try_is_preserved(&self, pfn: Pfn) -> Option<bool> {
                 let shared = self.0.upgrade()?;
-                if shared.arena.region_of(pfn) == Some(Region::Preservable) {
-                    return Some(true);
-                }
-                if shared.preserved_count.load(Ordering::Acquire) == 0 {
-                    return Some(false);
-                }
-                let found = match shared.preserved.try_lock() {
-                    Ok(map) => map.is_preserved(pfn).is_some(),
-                    Err(std::sync::TryLockError::Poisoned(e)) => {
-                        e.into_inner().is_preserved(pfn).is_some()
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => return None,
-                };
-                Some(found)
+                Heap { shared }.try_is_preserved(pfn)
             }
         }
         let query = Box::new(PoolPages(Arc::downgrade(&self.shared)));
@@ -837,20 +875,43 @@ impl Heap {
         })
     }
 
-    /// Free a folio. A folio still preserved is unpreserved first.
+    /// Free a folio. Whatever was preserved inside it is unpreserved first.
     pub fn free_pages(&self, pages: Pages) -> Result<()> {
         self.check_heap(pages.heap)?;
-        let f = pages.folio;
-        if self.shared.preserved_count.load(Ordering::Acquire) != 0 {
-            let _ = self.with_map(|map| {
-                if map.is_preserved(f.pfn).is_some() {
-                    map.unpreserve(f.pfn, f.order)
-                } else {
-                    Ok(())
-                }
-            });
+        self.release(pages.folio)
+    }
+
+    /// Free a folio handed back by its owner, unpreserving every preserved
+    /// folio inside it first (under the map lock, so that no preserve of
+    /// it can slip in between).
+    fn release(&self, f: Folio) -> Result<()> {
+        if self.shared.preserved_count.load(Ordering::Acquire) == 0 {
+            return self.free_folio(f);
         }
-        self.free_folio(f)
+        let end = f.pfn.folio_end(f.order).ok_or(Error::NotAllocated {
+            addr: f.pfn.addr().map_or(u64::MAX, |a| a.0),
+            expected: "a folio inside the arena",
+        })?;
+        self.with_map(|m| {
+            let mut inside = Vec::new();
+            let mut at = f.pfn;
+            while let Some(p) = m.first_overlap(at, end) {
+                if p.pfn < f.pfn || p.end_pfn() > end {
+                    return Err(Error::Inconsistent {
+                        addr: p.addr().0,
+                        what: "preserved folio straddles the freed folio",
+                        expected: f.pfn.0,
+                        found: p.pfn.0,
+                    });
+                }
+                inside.push(p);
+                at = p.end_pfn();
+            }
+            for p in inside {
+                m.unpreserve(p.pfn, p.order)?;
+            }
+            self.free_folio(f)
+        })
     }
 
     fn free_folio(&self, f: Folio) -> Result<()> {
@@ -897,7 +958,9 @@ impl Heap {
 
     /// Allocate `size` bytes: from the general size classes, from the
     /// preservable size classes with [`GfpFlags::PRESERVE`], or as a whole
-    /// folio above 4 KiB.
+    /// folio above 4 KiB. An object is aligned as its size class: to the
+    /// class size for powers of two up to 64 bytes, to 8 bytes otherwise,
+    /// to a page above 4 KiB; sampled objects alike.
     ///
     /// This is the single entry point of general object allocation: the
     /// KFENCE sampling hook belongs at its top (never for `PRESERVE`).
@@ -957,16 +1020,7 @@ impl Heap {
     ) -> Option<Obj> {
         let preserve = flags.contains(GfpFlags::PRESERVE);
         let nowait = flags.contains(GfpFlags::NOWAIT);
-        let align = match self
-            .shared
-            .caches
-            .get(class_of(size))
-            .and_then(OnceLock::get)
-        {
-            Some(cache) if size <= MAX_OBJECT_SIZE as usize => cache.align as usize,
-            _ => 8,
-        };
-        let addr = k.alloc_phys(pass, size.max(1), align, preserve, nowait)?;
+        let addr = k.alloc_phys(pass, size.max(1), alloc_align(size), preserve, nowait)?;
         Some(Obj {
             addr: addr.raw(),
             heap: self.shared.id,
@@ -990,7 +1044,14 @@ impl Heap {
     }
 
     fn alloc_large(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
-        let pages = (size as u64).div_ceil(PAGE_SIZE);
+        let max = self.layout().max_order.bytes().min(u64::from(u32::MAX));
+        let too_big = Error::BadSize {
+            size: size as u64,
+            align: PAGE_SIZE,
+            max,
+        };
+        let len = u32::try_from(size).map_err(|_| too_big)?;
+        let pages = u64::from(len).div_ceil(PAGE_SIZE);
         let order = u8::try_from(64 - (pages - 1).leading_zeros())
             .ok()
             .and_then(Order::new)
@@ -998,14 +1059,14 @@ impl Heap {
             .ok_or(Error::BadSize {
                 size: size as u64,
                 align: PAGE_SIZE,
-                max: self.layout().max_order.bytes(),
+                max,
             })?;
         let p = self.alloc_pages(order, flags)?;
         let obj = Obj {
             addr: p.folio.addr().0,
             heap: self.shared.id,
             slab: 0,
-            len: size as u32,
+            len,
             tag: tag(0, KIND_LARGE, order.get()),
         };
         // The folio now belongs to the object handle.
@@ -1130,7 +1191,7 @@ impl Heap {
         let s = &self.shared;
         if obj.kind() == KIND_LARGE {
             let order = Order::new(obj.order()).unwrap_or(Order::ZERO);
-            return self.free_folio(Folio {
+            return self.release(Folio {
                 pfn: PhysAddr(obj.addr).pfn(),
                 order,
             });
@@ -1201,7 +1262,10 @@ impl Heap {
         let s = &self.shared;
         let (stride, order, per_slab) =
             crate::slab::geometry(size, align, self.layout().max_order)?;
-        let existing = lock(&s.names).get(name).copied();
+        // One critical section from lookup to registration: two threads
+        // asking for a new name get one cache.
+        let mut names = lock(&s.names);
+        let existing = names.get(name).copied();
         let index = match existing {
             Some(i) => {
                 let c = s.cache(i).ok_or(Error::InvalidConfig {
@@ -1242,9 +1306,10 @@ impl Heap {
                     self.layout().max_order,
                     true,
                 )?;
-                s.register(None, c)?
+                s.register_named(&mut names, None, c)?
             }
         };
+        drop(names);
         Ok(PreservableCache {
             shared: Arc::clone(&self.shared),
             index,
@@ -1252,11 +1317,28 @@ impl Heap {
     }
 
     // ---- preservation ------------------------------------------------
+    //
+    // The rule: what is preserved lies inside folios handed to owners
+    // (`alloc_pages`, objects above 4 KiB, restored folios), never in free
+    // pages, slab pages (their other slots belong to other users;
+    // preservable slabs are recorded at freeze) or the heap's own image.
+    // Each preserved folio lies inside one owner's folio, so freeing that
+    // folio unpreserves exactly what was preserved in it. The map lock is
+    // held across each check and change, and across the unpreserve and
+    // free of a folio, so the two cannot interleave.
 
-    /// Refuse ranges touching superblock, scratch or KFENCE pages, or
-    /// memory that is not allocated.
-    fn check_preservable(&self, first: Pfn, end: Pfn, addr: u64, len: u64) -> Result<()> {
+    /// The folios handed to owners that tile pages `[first, end)`, by
+    /// address. Refuses superblock, scratch and KFENCE pages, pages past
+    /// the arena, and pages in no owner's folio.
+    fn owned_folios(&self, first: Pfn, end: Pfn, addr: u64, len: u64) -> Result<Vec<Folio>> {
         let layout = self.layout();
+        if end.0 > layout.pages || first > end {
+            return Err(Error::OutOfBounds {
+                offset: addr,
+                len,
+                size: self.size(),
+            });
+        }
         for (region, r) in layout.regions() {
             if matches!(
                 region,
@@ -1272,71 +1354,272 @@ impl Heap {
                 });
             }
         }
-        if end.0 > layout.pages {
-            return Err(Error::OutOfBounds {
-                offset: addr,
-                len,
-                size: self.size(),
-            });
+        let s = &self.shared;
+        let refuse = |pfn: Pfn, found| Error::NotPreservable {
+            addr,
+            len,
+            pfn: pfn.0,
+            found,
+        };
+        let mut out = Vec::new();
+        let mut covered = 0;
+        for zone in [&s.preservable, &s.general] {
+            covered += zone.pages_in(first, end);
+            out.extend(
+                zone.owned_folios(first, end)
+                    .map_err(|(pfn, found)| refuse(pfn, found))?,
+            );
         }
-        Ok(())
+        if covered != end.0 - first.0 {
+            return Err(refuse(first, "outside the allocator's zones"));
+        }
+        if let Some(image) = *lock(&s.image) {
+            if out.iter().any(|f| f.pfn == image.pfn) {
+                return Err(refuse(image.pfn, "the heap's handover image"));
+            }
+        }
+        out.sort_unstable_by_key(|f| f.pfn);
+        Ok(out)
     }
 
-    /// Change the preserved map, keeping the lock-free folio count in step.
-    fn with_map(&self, f: impl FnOnce(&mut PreservedMap) -> kho_core::MapResult<()>) -> Result<()> {
+    /// Run `f` on the preserved map under its lock, keeping the lock-free
+    /// folio count in step.
+    fn with_map<T>(&self, f: impl FnOnce(&mut PreservedMap) -> Result<T>) -> Result<T> {
         let mut map = lock(&self.shared.preserved);
         let r = f(&mut map);
         self.shared
             .preserved_count
             .store(map.folio_count(), Ordering::Release);
-        Ok(r?)
+        r
     }
 
-    /// Preserve an allocated folio across the next handover.
+    /// Preserve `folio`, which must lie in folios handed to owners; with
+    /// `whole` (the caller holds the handle of exactly this folio) it may
+    /// span several (a restored folio above the zone's order), otherwise it
+    /// must lie inside one.
+    fn preserve_owned(&self, folio: Folio, whole: bool) -> Result<()> {
+        let addr = folio.pfn.addr().map_or(u64::MAX, |a| a.0);
+        let len = folio.order.bytes();
+        let end = folio.pfn.folio_end(folio.order).ok_or(Error::OutOfBounds {
+            offset: addr,
+            len,
+            size: self.size(),
+        })?;
+        if !folio.pfn.is_aligned(folio.order) {
+            return Err(kho_core::MapError::Misaligned {
+                pfn: folio.pfn.0,
+                order: folio.order.get(),
+            }
+            .into());
+        }
+        self.with_map(|m| {
+            let owned = self.owned_folios(folio.pfn, end, addr, len)?;
+            if !whole {
+                if let Some(second) = owned.get(1) {
+                    return Err(Error::NotPreservable {
+                        addr,
+                        len,
+                        pfn: second.pfn.0,
+                        found: "in a second allocation (preserve each on its own)",
+                    });
+                }
+            }
+            Ok(m.preserve(folio.pfn, folio.order)?)
+        })
+    }
+
+    /// Preserve an allocated folio across the next handover. Freeing it
+    /// unpreserves it.
     pub fn preserve_pages(&self, pages: &Pages) -> Result<()> {
         self.check_heap(pages.heap)?;
-        self.preserve_folio(pages.folio)
+        self.preserve_owned(pages.folio, true)
     }
 
-    /// Preserve the folio `folio` of arena memory. Scratch, KFENCE and
-    /// superblock memory is refused.
+    /// Preserve an object across the next handover: the folio of an object
+    /// above 4 KiB (in the preservable pool with [`GfpFlags::PRESERVE`],
+    /// the successor finds it in [`Restored::folios`]); nothing for an
+    /// object of a preservable cache, whose slab pages every freeze
+    /// preserves. Objects of the general size classes share their pages
+    /// with other users' objects and are refused, as are sampled objects.
+    /// Freeing the object unpreserves it.
+    pub fn preserve_obj(&self, obj: &Obj) -> Result<()> {
+        self.check_heap(obj.heap)?;
+        match self.owned_folio_of(obj)? {
+            Some(folio) => self.preserve_owned(folio, true),
+            None => Ok(()),
+        }
+    }
+
+    /// Undo [`preserve_obj`](Self::preserve_obj).
+    pub fn unpreserve_obj(&self, obj: &Obj) -> Result<()> {
+        self.check_heap(obj.heap)?;
+        match self.owned_folio_of(obj)? {
+            Some(folio) => self.unpreserve_folio(folio),
+            None => Ok(()),
+        }
+    }
+
+    /// The folio an object owns (objects above 4 KiB), `None` for objects
+    /// of preservable caches; an error for objects that cannot be
+    /// preserved.
+    fn owned_folio_of(&self, obj: &Obj) -> Result<Option<Folio>> {
+        let refuse = |found| Error::NotPreservable {
+            addr: obj.addr,
+            len: u64::from(obj.len),
+            pfn: obj.addr().pfn().0,
+            found,
+        };
+        match obj.kind() {
+            KIND_LARGE => Ok(Some(Folio {
+                pfn: obj.addr().pfn(),
+                order: Order::new(obj.order()).unwrap_or(Order::ZERO),
+            })),
+            KIND_SLAB => match self.shared.cache(obj.cache()) {
+                Some(c) if c.preservable => Ok(None),
+                _ => Err(refuse("a slab page of a general size class")),
+            },
+            _ => Err(refuse("a sampled (KFENCE) object")),
+        }
+    }
+
+    /// Preserve the folio `folio` of arena memory, which must lie inside
+    /// one folio handed to an owner (see [`preserve_range`]). Scratch,
+    /// KFENCE and superblock memory is refused with
+    /// [`Error::PreserveRefused`], free pages, slab pages and the heap's
+    /// own image with [`Error::NotPreservable`].
+    ///
+    /// [`preserve_range`]: Self::preserve_range
     pub fn preserve_folio(&self, folio: Folio) -> Result<()> {
-        self.check_preservable(folio.pfn, folio.end_pfn(), folio.addr().0, folio.bytes())?;
-        self.with_map(|m| m.preserve(folio.pfn, folio.order))?;
-        Ok(())
+        self.preserve_owned(folio, false)
     }
 
-    /// Preserve the page-aligned `range`, split into maximal folios.
+    /// Preserve the page-aligned `range`, split into maximal folios at the
+    /// boundaries of the allocations it covers. Every page must belong to a
+    /// folio handed to an owner ([`alloc_pages`](Self::alloc_pages), an
+    /// object above 4 KiB, a restored folio); freeing one of them
+    /// unpreserves the part of `range` inside it. All or nothing.
     pub fn preserve_range(&self, range: PhysRange) -> Result<()> {
+        if !range.is_page_aligned() {
+            return Err(kho_core::MapError::Unaligned {
+                start: range.start,
+                len: range.len,
+            }
+            .into());
+        }
         let (first, end) = range.pfns().ok_or(Error::OutOfBounds {
             offset: range.start,
             len: range.len,
             size: self.size(),
         })?;
-        self.check_preservable(first, end, range.start, range.len)?;
-        self.with_map(|m| m.preserve_range(range.start(), range.len))?;
-        Ok(())
+        self.with_map(|m| {
+            let owned = self.owned_folios(first, end, range.start, range.len)?;
+            if let Some(f) = m.first_overlap(first, end) {
+                return Err(kho_core::MapError::Overlap {
+                    pfn: first.0,
+                    order: 0,
+                    existing_pfn: f.pfn.0,
+                    existing_order: f.order.get(),
+                }
+                .into());
+            }
+            for o in owned {
+                let lo = o.pfn.max(first);
+                let hi = o.end_pfn().min(end);
+                let start = lo.addr().ok_or(Error::OutOfBounds {
+                    offset: range.start,
+                    len: range.len,
+                    size: self.size(),
+                })?;
+                m.preserve_range(start, (hi.0 - lo.0) * PAGE_SIZE)?;
+            }
+            Ok(())
+        })
     }
 
     /// Undo [`preserve_folio`](Self::preserve_folio).
     pub fn unpreserve_folio(&self, folio: Folio) -> Result<()> {
-        self.with_map(|m| m.unpreserve(folio.pfn, folio.order))?;
-        Ok(())
+        self.with_map(|m| Ok(m.unpreserve(folio.pfn, folio.order)?))
     }
 
-    /// Undo [`preserve_range`](Self::preserve_range).
+    /// Undo [`preserve_range`](Self::preserve_range): every page of the
+    /// page-aligned `range` must be preserved, by folios lying inside it.
+    /// All or nothing.
     pub fn unpreserve_range(&self, range: PhysRange) -> Result<()> {
-        self.with_map(|m| m.unpreserve_range(range.start(), range.len))?;
-        Ok(())
+        if !range.is_page_aligned() {
+            return Err(kho_core::MapError::Unaligned {
+                start: range.start,
+                len: range.len,
+            }
+            .into());
+        }
+        let (first, end) = range.pfns().ok_or(Error::OutOfBounds {
+            offset: range.start,
+            len: range.len,
+            size: self.size(),
+        })?;
+        self.with_map(|m| {
+            let mut folios = Vec::new();
+            let mut at = first;
+            while at < end {
+                match m.first_overlap(at, end) {
+                    Some(f) if f.pfn == at && f.end_pfn() <= end => {
+                        folios.push(f);
+                        at = f.end_pfn();
+                    }
+                    _ => {
+                        return Err(kho_core::MapError::NotPreserved {
+                            pfn: at.0,
+                            order: 0,
+                        }
+                        .into())
+                    }
+                }
+            }
+            for f in folios {
+                m.unpreserve(f.pfn, f.order)?;
+            }
+            Ok(())
+        })
     }
 
     /// Whether `pfn` is preserved or will be at the next freeze: inside a
     /// folio given to `preserve_*`, or anywhere in the preservable pool
     /// (whose slab pages are preserved at freeze). The KFENCE pool must
-    /// never contain such a page.
+    /// never contain such a page. May wait for the map lock; see
+    /// [`try_is_preserved`](Self::try_is_preserved).
     pub fn is_preserved(&self, pfn: Pfn) -> bool {
-        self.region_of(pfn) == Some(Region::Preservable)
-            || lock(&self.shared.preserved).is_preserved(pfn).is_some()
+        if let Some(known) = self.preserved_fast(pfn) {
+            return known;
+        }
+        lock(&self.shared.preserved).is_preserved(pfn).is_some()
+    }
+
+    /// [`is_preserved`](Self::is_preserved) without waiting: `None` when
+    /// the map is busy (being changed, or copied by a freeze). Callers in
+    /// contexts that must not block (the KFENCE sampler) treat `None` as
+    /// "preserved".
+    pub fn try_is_preserved(&self, pfn: Pfn) -> Option<bool> {
+        if let Some(known) = self.preserved_fast(pfn) {
+            return Some(known);
+        }
+        let map = match self.shared.preserved.try_lock() {
+            Ok(m) => m,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(map.is_preserved(pfn).is_some())
+    }
+
+    /// The answers of `is_preserved` that need no lock.
+    #[inline]
+    fn preserved_fast(&self, pfn: Pfn) -> Option<bool> {
+        match self.region_of(pfn) {
+            Some(Region::Preservable) => Some(true),
+            // `preserve_*` refuses every other region.
+            Some(Region::General) => None,
+            _ => Some(false),
+        }
+        .or_else(|| (self.shared.preserved_count.load(Ordering::Acquire) == 0).then_some(false))
     }
 
     /// Declare `range` (inside preserved memory) valid for checkers.
@@ -1815,7 +2098,7 @@ impl Heap {
             let bitmap: Vec<u64> = p.bitmap_words().collect();
             let untaken: Box<[u64]> = bitmap.as_slice().into();
             let live: u32 = bitmap.iter().map(|w| w.count_ones()).sum();
-            let slab = cache.adopt(p.pfn(), bitmap)?;
+            let slab = cache.adopt(&shared.preservable, p.pfn(), bitmap)?;
             slab_pfns.push(p.pfn());
             let rc = &mut restored_caches[rc];
             rc.remaining += live as usize;
@@ -1992,3 +2275,7 @@ impl PreservableCache {
         .free(obj)
     }
 }
+
+#[cfg(test)]
+#[path = "heap_tests.rs"]
+mod tests;

@@ -14,7 +14,10 @@
 //! ```
 //!
 //! - [`Arena`]: the mapping (file, memfd, anonymous or heap memory) and
-//!   its two superblock slots; opening validates before mapping writable.
+//!   its two superblock slots; opening locks the file (one writable arena
+//!   per file, the lock passing to an `exec`'d successor with the
+//!   descriptor; see [`arena`] for what it cannot exclude) and validates
+//!   before mapping.
 //! - [`Heap`]: buddy zones over the general and preservable regions, slab
 //!   size classes with per-thread magazines, named [`PreservableCache`]s,
 //!   preservation ([`Heap::preserve_range`]), [`Heap::freeze`] /
@@ -76,6 +79,5 @@ pub use heap::{
     Restored, RestoredCache, SIZE_CLASSES,
 };
 pub use layout::{ArenaConfig, Layout, Region};
-#[cfg(not(miri))]
 pub use mapping::ReadOnlyFile;
 pub use superblock::{ImageLocation, Superblock};

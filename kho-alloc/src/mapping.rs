@@ -15,6 +15,8 @@ use memmap2::{MmapOptions, MmapRaw};
 const HEAP_ALIGN: usize = 4096;
 
 enum Backing {
+    // Under Miri every arena is heap memory.
+    #[cfg_attr(miri, allow(dead_code))]
     Mmap(MmapRaw),
     Heap(std::alloc::Layout),
 }
@@ -43,7 +45,9 @@ impl std::fmt::Debug for Mapping {
 
 // SAFETY: the mapping is plain memory owned by this value; the pointer is
 // never handed out with a lifetime longer than a borrow of the mapping, and
-// callers synchronise access to the bytes themselves (see `raw.rs`).
+// callers synchronise access to the bytes themselves (see `raw.rs`). Other
+// mappings of the same file are the arena's to exclude (its file lock, see
+// `arena.rs`), not this type's.
 unsafe impl Send for Mapping {}
 // SAFETY: as for `Send`: `&Mapping` only exposes the base pointer and
 // `msync`/`mprotect`, which the kernel serialises.
@@ -203,15 +207,15 @@ impl Drop for Mapping {
 }
 
 /// Create an anonymous memory file with `memfd_create`, without
-/// `MFD_CLOEXEC` so that the descriptor survives `exec`.
-#[cfg(not(miri))]
+/// `MFD_CLOEXEC` so that the descriptor survives `exec`, and with sealing
+/// allowed so that its size can be fixed ([`seal_size`]).
 pub(crate) fn memfd(name: &str) -> io::Result<File> {
     use std::os::fd::FromRawFd;
 
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY:
     // - `cname` is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), 0) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -221,9 +225,66 @@ pub(crate) fn memfd(name: &str) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Seal the size of a memfd (`F_SEAL_SHRINK | F_SEAL_GROW`): no holder of
+/// the descriptor, in this process or another, can truncate the memory
+/// under a mapping of it (which would turn accesses into `SIGBUS`).
+pub(crate) fn seal_size(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY:
+    // - `file` keeps the descriptor open for the call; `F_ADD_SEALS` only
+    //   changes the seals of the file, no memory of this process.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Kinds of [`try_lock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockKind {
+    /// `LOCK_SH`: readers.
+    Shared,
+    /// `LOCK_EX`: one writer.
+    Exclusive,
+}
+
+/// Take an advisory `flock` on `file` without waiting. Returns `false` if
+/// another open file description holds a conflicting lock.
+///
+/// The lock belongs to the open file description: every descriptor
+/// duplicated from `file` (`dup`, `try_clone`, inheritance across `fork`
+/// and `exec`) holds it too, and it is released when the last of them is
+/// closed. It is never released explicitly, so that a successor holding
+/// an inherited descriptor keeps it after the predecessor closes its own.
+pub(crate) fn try_lock(file: &File, kind: LockKind) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+
+    let op = match kind {
+        LockKind::Shared => libc::LOCK_SH,
+        LockKind::Exclusive => libc::LOCK_EX,
+    };
+    loop {
+        // SAFETY:
+        // - `file` keeps the descriptor open for the call; `flock` touches no
+        //   memory of this process.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Clear `FD_CLOEXEC` on `file` so that a successor started with `exec`
 /// inherits it.
-#[cfg(not(miri))]
 pub(crate) fn clear_cloexec(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
 
@@ -249,12 +310,10 @@ pub(crate) fn clear_cloexec(file: &File) -> io::Result<()> {
 ///
 /// Nothing is ever written through it. The mapping reflects later writes to
 /// the file by other processes; tools inspect files at rest.
-#[cfg(not(miri))]
 pub struct ReadOnlyFile {
     map: Option<memmap2::Mmap>,
 }
 
-#[cfg(not(miri))]
 impl std::fmt::Debug for ReadOnlyFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadOnlyFile")
@@ -263,7 +322,6 @@ impl std::fmt::Debug for ReadOnlyFile {
     }
 }
 
-#[cfg(not(miri))]
 impl ReadOnlyFile {
     /// Map all of `file` read-only (an empty file maps to no bytes).
     pub fn map(file: &File) -> io::Result<ReadOnlyFile> {
@@ -280,7 +338,7 @@ impl ReadOnlyFile {
         //   treat every byte as untrusted input, so a concurrent change can
         //   produce a wrong report but no out-of-bounds access (all reads go
         //   through the slice's bounds checks).
-        let map = unsafe { memmap2::MmapOptions::new().map(file) }?;
+        let map = unsafe { MmapOptions::new().map(file) }?;
         Ok(ReadOnlyFile { map: Some(map) })
     }
 

@@ -274,16 +274,15 @@ pub fn select(slot0: &[u8], slot1: &[u8], file_len: u64) -> crate::Result<(usize
     let s1 = Superblock::decode(slot1, PAGE_SIZE, file_len);
     match (s0, s1) {
         (Ok(a), Ok(b)) => {
-            if a.layout != b.layout {
-                let (newer, older) = if b.generation > a.generation {
-                    (b, a)
-                } else {
-                    (a, b)
-                };
+            if let Some((what, older, newer)) = if b.generation > a.generation {
+                first_difference(&a.layout, &b.layout)
+            } else {
+                first_difference(&b.layout, &a.layout)
+            } {
                 return Err(Error::GeometryMismatch {
-                    what: "superblock slots disagree on general start",
-                    expected: older.layout.general.start.0,
-                    found: newer.layout.general.start.0,
+                    what,
+                    expected: older,
+                    found: newer,
                 });
             }
             Ok(if b.generation > a.generation {
@@ -303,6 +302,48 @@ pub fn select(slot0: &[u8], slot1: &[u8], file_len: u64) -> crate::Result<(usize
         }
         (Err(slot0), Err(slot1)) => Err(Error::BothSuperblocksBad { slot0, slot1 }),
     }
+}
+
+/// The first field in which `older` and `newer` differ, with both values,
+/// as the message of [`select`] names it.
+fn first_difference(older: &Layout, newer: &Layout) -> Option<(&'static str, u64, u64)> {
+    let fields = |l: &Layout| {
+        [
+            ("superblock slots disagree on arena pages", l.pages),
+            (
+                "superblock slots disagree on max order",
+                u64::from(l.max_order.get()),
+            ),
+            (
+                "superblock slots disagree on scratch start",
+                l.scratch.start.0,
+            ),
+            ("superblock slots disagree on scratch end", l.scratch.end.0),
+            (
+                "superblock slots disagree on kfence start",
+                l.kfence.start.0,
+            ),
+            ("superblock slots disagree on kfence end", l.kfence.end.0),
+            (
+                "superblock slots disagree on preservable start",
+                l.preservable.start.0,
+            ),
+            (
+                "superblock slots disagree on preservable end",
+                l.preservable.end.0,
+            ),
+            (
+                "superblock slots disagree on general start",
+                l.general.start.0,
+            ),
+            ("superblock slots disagree on general end", l.general.end.0),
+        ]
+    };
+    fields(older)
+        .into_iter()
+        .zip(fields(newer))
+        .find(|((_, o), (_, n))| o != n)
+        .map(|((what, o), (_, n))| (what, o, n))
 }
 
 #[cfg(test)]
@@ -329,6 +370,53 @@ mod tests {
         let raw = sb.encode();
         let got = Superblock::decode(raw.as_bytes(), 0, 1 << 24).unwrap();
         assert_eq!(got, sb);
+    }
+
+    #[test]
+    fn slots_that_disagree_name_the_field() {
+        use crate::error::Error;
+        let size = 1u64 << 24;
+        let base = ArenaConfig::with_size(size);
+        let older = Superblock {
+            image: None,
+            ..sample()
+        };
+        let mut more_kfence = base;
+        more_kfence.kfence *= 2;
+        let mut higher_order = base;
+        higher_order.max_order = 11;
+        let field = |l: &Layout, what: &str| match what {
+            "max order" => u64::from(l.max_order.get()),
+            // A larger KFENCE pool takes its pages from scratch.
+            _ => l.scratch.end.0,
+        };
+        for (config, what) in [(more_kfence, "scratch end"), (higher_order, "max order")] {
+            let newer = Superblock {
+                layout: config.layout().unwrap(),
+                generation: older.generation + 1,
+                ..older
+            };
+            let expect = first_difference(&older.layout, &newer.layout).unwrap();
+            assert_eq!(
+                expect,
+                (
+                    &*format!("superblock slots disagree on {what}"),
+                    field(&older.layout, what),
+                    field(&newer.layout, what)
+                )
+            );
+            for (s0, s1) in [(older, newer), (newer, older)] {
+                match select(s0.encode().as_bytes(), s1.encode().as_bytes(), size) {
+                    Err(Error::GeometryMismatch {
+                        what: got,
+                        expected,
+                        found,
+                    }) => assert_eq!((got, expected, found), expect),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(first_difference(&older.layout, &older.layout), None);
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! child), `NOWAIT` requests never sampled, sampled objects aligned as
 //! their size class, and real out-of-bounds and use-after-free accesses
 //! through heap objects caught by the fault handler.
+// Under Miri: guard pages (mprotect), signals and child processes are
+// unsupported.
+#![cfg(not(miri))]
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;

@@ -3,6 +3,8 @@
 //! deferred frees and preservable caches through a session, a quiesced
 //! store, crash consistency at every fault point (in child processes that
 //! die there), frees from signal handlers, and restart handover.
+// Under Miri: memfd, files, signals and child processes are unsupported.
+#![cfg(not(miri))]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -215,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(miri, ignore)]
+    #[cfg_attr(miri, ignore = "mprotect")]
     fn pool_over_the_kfence_region() {
         let arena = arena();
         // SAFETY: the arena outlives the pool (dropped first, below) and

@@ -577,6 +577,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "the wall clock")]
     fn draw_is_geometric_with_the_right_mean() {
         assert!((0..1000).all(|_| draw(1) == 1));
         let n = 40_000u64;

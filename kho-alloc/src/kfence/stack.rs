@@ -115,7 +115,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[cfg_attr(miri, ignore)]
+    #[cfg_attr(miri, ignore = "symbolization reads files")]
     fn symbolized_stack_names_the_caller() {
         let mut out = Vec::new();
         let first = render(true, &mut out);
@@ -130,7 +130,7 @@ mod tests {
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
-    #[cfg_attr(miri, ignore)]
+    #[cfg_attr(miri, ignore = "backtrace(3)")]
     fn raw_stack_has_frames() {
         let mut out = Vec::new();
         let first = render(false, &mut out);

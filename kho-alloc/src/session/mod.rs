@@ -1124,7 +1124,7 @@ impl Session {
             .arena
             .take()
             .ok_or(SessionError::NoHeap { state: self.state })?;
-        if let Err(e) = arena.publish(None) {
+        if let Err(e) = arena.discard_image() {
             self.arena = Some(arena);
             return Err(e.into());
         }

@@ -47,11 +47,13 @@ fn replay(target: &str, run: fn(&[u8])) {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads the corpus directories")]
 fn arena_open_inputs() {
     replay("arena_open", arena::run);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads the corpus directories")]
 fn check_inputs() {
     replay("check", check::run);
 }
