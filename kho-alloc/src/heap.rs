@@ -20,13 +20,17 @@ use kho_core::{
 use crate::arena::Arena;
 use crate::buddy::{BuddyStats, Zone};
 use crate::error::{Error, Result};
-use crate::kfence::{self, Pool, PoolConfig, PoolMemory, RegionMemory, SampleMode, Sampler};
+use crate::kfence::{self, PoolConfig, SampleMode, Sampler};
 use crate::layout::{Layout, Region};
 use crate::magazine;
 use crate::session::fault::{self, FaultPoint};
 use crate::slab::{SlabCache, MAX_OBJECT_SIZE};
 use crate::superblock::ImageLocation;
 use kho_core::image::layout::BLOCK_SIZE;
+
+/// Byte views of owned heap memory: the heap's `unsafe` blocks.
+#[allow(unsafe_code)]
+mod owned;
 
 /// GFP-style allocation flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -240,6 +244,7 @@ impl Obj {
     ///   object exists: it is turned back into a handle at most once per
     ///   `into_raw`, and the object was not freed in between. (A forged or
     ///   duplicated handle would let safe code alias the object's bytes.)
+    #[allow(unsafe_code)]
     pub unsafe fn from_raw(raw: RawObj) -> Obj {
         Obj {
             addr: raw.addr,
@@ -448,14 +453,15 @@ impl Shared {
         }
     }
 
-    /// Zero `range`, which the caller owns exclusively.
-    fn zero_owned(&self, range: PhysRange) -> Result<()> {
-        // SAFETY:
-        // - Callers pass memory no handle refers to: a block just taken
-        //   from a zone, or free slots and tails of a slab under its cache
-        //   lock. No other reference to these bytes exists.
-        unsafe { self.arena.slice_mut_shared(range) }?.fill(0);
-        Ok(())
+    fn check_heap(&self, heap: u32) -> Result<()> {
+        if heap == self.id {
+            Ok(())
+        } else {
+            Err(Error::WrongHeap {
+                expected: u64::from(self.id),
+                found: u64::from(heap),
+            })
+        }
     }
 
     /// Register a cache in a free slot (or `slot` if given).
@@ -784,22 +790,8 @@ impl Heap {
             }
         }
         let query = Box::new(PoolPages(Arc::downgrade(&self.shared)));
-        // SAFETY:
-        // - the pool over this memory lives in `Shared::kfence`, declared
-        //   before `Shared::arena`, so it is dropped while the arena is
-        //   still mapped;
-        // - nothing else in the heap touches the KFENCE region: the zones
-        //   cover general and preservable memory only, and `preserve_*`
-        //   refuses KFENCE pages.
-        let memory = unsafe { RegionMemory::new(&s.arena, query) }?;
-        let objects = config.objects.min(memory.pages().saturating_sub(1) / 2);
-        let pool = Arc::new(Pool::new(
-            Box::new(memory),
-            PoolConfig { objects, ..config },
-        )?);
-        let sampler = Sampler::new(pool, mode)?;
-        // Not set yet (checked above under ENABLE), so this stores `sampler`.
-        Ok(s.kfence.get_or_init(|| sampler))
+        // Not set yet (checked above under ENABLE).
+        owned::kfence_sampler(s, query, mode, config)
     }
 
     /// The KFENCE sampler, if enabled.
@@ -843,14 +835,7 @@ impl Heap {
     }
 
     fn check_heap(&self, heap: u32) -> Result<()> {
-        if heap == self.shared.id {
-            Ok(())
-        } else {
-            Err(Error::WrongHeap {
-                expected: u64::from(self.shared.id),
-                found: u64::from(heap),
-            })
-        }
+        self.shared.check_heap(heap)
     }
 
     // ---- pages -------------------------------------------------------
@@ -864,15 +849,14 @@ impl Heap {
             &self.shared.general
         };
         let pfn = zone.alloc(order, flags.contains(GfpFlags::NOWAIT))?;
-        let folio = Folio { pfn, order };
-        if flags.contains(GfpFlags::ZERO) {
-            self.shared
-                .zero_owned(PhysRange::new(folio.addr(), folio.bytes()))?;
-        }
-        Ok(Pages {
-            folio,
+        let mut pages = Pages {
+            folio: Folio { pfn, order },
             heap: self.shared.id,
-        })
+        };
+        if flags.contains(GfpFlags::ZERO) {
+            owned::pages_mut(&self.shared, &mut pages)?.fill(0);
+        }
+        Ok(pages)
     }
 
     /// Free a folio. Whatever was preserved inside it is unpreserved first.
@@ -936,22 +920,12 @@ impl Heap {
 
     /// The bytes of a folio.
     pub fn page_bytes<'a>(&'a self, pages: &'a Pages) -> Result<&'a [u8]> {
-        self.check_heap(pages.heap)?;
-        // SAFETY:
-        // - `pages` is the only handle to this folio (handles are not
-        //   `Clone` and are made once per allocation or restored folio); a
-        //   shared borrow of it excludes writers.
-        unsafe { self.shared.arena.slice_shared(pages.range()) }
+        owned::pages(&self.shared, pages)
     }
 
     /// The bytes of a folio, writable.
     pub fn page_bytes_mut<'a>(&'a self, pages: &'a mut Pages) -> Result<&'a mut [u8]> {
-        self.check_heap(pages.heap)?;
-        // SAFETY:
-        // - `pages` is the only handle to this folio and is borrowed
-        //   mutably for the result's lifetime, so no other reference to
-        //   these bytes exists.
-        unsafe { self.shared.arena.slice_mut_shared(pages.range()) }
+        owned::pages_mut(&self.shared, pages)
     }
 
     // ---- objects -----------------------------------------------------
@@ -986,10 +960,10 @@ impl Heap {
         };
         obj.len = size.max(1) as u32;
         if flags.contains(GfpFlags::ZERO) {
-            self.shared.zero_owned(obj.range())?;
+            owned::obj_mut(&self.shared, &mut obj)?.fill(0);
         }
         if preserve {
-            self.zero_slack(&obj, SIZE_CLASSES[class])?;
+            owned::zero_slack(&self.shared, &mut obj)?;
         }
         Ok(obj)
     }
@@ -1028,19 +1002,6 @@ impl Heap {
             len: size.max(1) as u32,
             tag: tag(0, KIND_KFENCE, 0),
         })
-    }
-
-    /// Zero the bytes between a preservable object's length and its
-    /// stride, so that nothing stale hides in a live slot at freeze.
-    fn zero_slack(&self, obj: &Obj, stride: u32) -> Result<()> {
-        if obj.len < stride {
-            let slack = PhysRange::new(
-                PhysAddr(obj.addr + u64::from(obj.len)),
-                u64::from(stride - obj.len),
-            );
-            self.shared.zero_owned(slack)?;
-        }
-        Ok(())
     }
 
     fn alloc_large(&self, size: usize, flags: GfpFlags) -> Result<Obj> {
@@ -1208,21 +1169,12 @@ impl Heap {
 
     /// The bytes of an object.
     pub fn bytes<'a>(&'a self, obj: &'a Obj) -> Result<&'a [u8]> {
-        self.check_heap(obj.heap)?;
-        // SAFETY:
-        // - `obj` is the only handle to these bytes (handles are not
-        //   `Clone`, made once per allocation or restored object, and
-        //   objects never overlap); borrowing it shared excludes writers.
-        unsafe { self.shared.arena.slice_shared(obj.range()) }
+        owned::obj(&self.shared, obj)
     }
 
     /// The bytes of an object, writable.
     pub fn bytes_mut<'a>(&'a self, obj: &'a mut Obj) -> Result<&'a mut [u8]> {
-        self.check_heap(obj.heap)?;
-        // SAFETY:
-        // - `obj` is the only handle to these bytes and is borrowed
-        //   mutably for the result's lifetime.
-        unsafe { self.shared.arena.slice_mut_shared(obj.range()) }
+        owned::obj_mut(&self.shared, obj)
     }
 
     /// A zerocopy view of an object as `T`.
@@ -1681,14 +1633,7 @@ impl Heap {
                 if SlabCache::is_vacant(slab) || slab.free == cache.per_slab {
                     continue;
                 }
-                let mut scrub = Ok(());
-                cache.dead_ranges(slab, |r| {
-                    stats.scrubbed_bytes += r.len;
-                    if scrub.is_ok() {
-                        scrub = s.zero_owned(r);
-                    }
-                });
-                scrub?;
+                stats.scrubbed_bytes += owned::scrub_dead(s, cache, slab)?;
                 stats.live_objects += u64::from(cache.per_slab - slab.free);
                 pages.push(SlabPageInfo {
                     pfn: Pfn(slab.pfn),
@@ -1764,20 +1709,15 @@ impl Heap {
                 max: order.bytes(),
             });
         }
-        // SAFETY:
-        // - The folio was just taken from the general zone and is owned by
-        //   `frozen`; no handle refers to it.
-        let out = unsafe {
-            s.arena
-                .slice_mut_shared(PhysRange::new(folio.addr(), folio.bytes()))
-        }?;
+        let out = owned::frozen_folio_mut(s, &mut frozen)?;
         let (image, tail) = out.split_at_mut(len as usize);
         builder.write_to(image)?;
         // The rest of the folio is preserved with the image: no stale bytes
         // of its earlier owner cross the handover.
         tail.fill(0);
+        let crc = crc32fast::hash(image);
         frozen.location.len = len;
-        frozen.location.crc = crc32fast::hash(image);
+        frozen.location.crc = crc;
         frozen.stats.image_len = len;
         frozen.stats.preserved_folios = map.folio_count();
         frozen.stats.preserved_bytes = map.total_bytes();
@@ -1833,16 +1773,7 @@ impl Heap {
 
     /// The bytes of a frozen image.
     pub fn frozen_bytes<'a>(&'a self, frozen: &'a FrozenImage) -> Result<&'a [u8]> {
-        self.check_heap(frozen.heap)?;
-        let loc = frozen.location;
-        // SAFETY:
-        // - The image folio is owned by `frozen` and nothing writes it
-        //   after `freeze`.
-        unsafe {
-            self.shared
-                .arena
-                .slice_shared(PhysRange::new(PhysAddr(loc.offset), loc.len))
-        }
+        owned::frozen(&self.shared, frozen)
     }
 
     /// Freeze and commit in one step.
@@ -2255,9 +2186,9 @@ impl PreservableCache {
         let cache = self.inner()?;
         obj.len = cache.size;
         if flags.contains(GfpFlags::ZERO) {
-            self.shared.zero_owned(obj.range())?;
+            owned::obj_mut(&self.shared, &mut obj)?.fill(0);
         }
-        heap.zero_slack(&obj, cache.stride)?;
+        owned::zero_slack(&self.shared, &mut obj)?;
         Ok(obj)
     }
 

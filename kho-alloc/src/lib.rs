@@ -27,6 +27,16 @@
 //!   [`PhysAddr`](kho_core::PhysAddr).
 //! - [`kfence`]: the KFENCE-style sampling pool over the KFENCE region.
 //!
+//! `unsafe` is denied crate-wide and allowed only in the modules that
+//! need it: `mapping` (mmap, mprotect, msync), `raw` (slices over the
+//! mapping), [`arena`] (its byte views), `heap::owned` (views of the
+//! heap's objects, folios and frozen images, each reached through the
+//! handle that owns it, and the KFENCE pool's memory; plus the declaration
+//! of [`Obj::from_raw`]), [`deferred`] (the signal-safe free list),
+//! [`epoch`] (grace periods), [`fault`] (the fault handler), the KFENCE
+//! pool's `sys`, `pool`, `region`, `memory` and `sampler` modules, and the
+//! session's `os` (system calls) and `undo` (an atomic mailbox) modules.
+//!
 //! A handover in one process, on heap memory (the same code runs on a
 //! file or memfd arena reopened by a successor process):
 //!
@@ -52,20 +62,27 @@
 //! # Ok::<(), kho_alloc::Error>(())
 //! ```
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 pub mod arena;
 pub mod buddy;
 pub mod check;
+#[allow(unsafe_code)]
 pub mod deferred;
+#[allow(unsafe_code)]
 pub mod epoch;
 pub mod error;
+#[allow(unsafe_code)]
 pub mod fault;
 pub mod heap;
 pub mod kfence;
 pub mod kv;
 pub mod layout;
 mod magazine;
+#[allow(unsafe_code)]
 mod mapping;
+#[allow(unsafe_code)]
 mod raw;
 pub mod session;
 mod slab;

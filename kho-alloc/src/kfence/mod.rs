@@ -66,12 +66,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[allow(unsafe_code)]
 mod memory;
+#[allow(unsafe_code)]
 mod pool;
+#[allow(unsafe_code)]
 mod region;
 mod report;
+#[allow(unsafe_code)]
 mod sampler;
 mod stack;
+#[allow(unsafe_code)]
 pub(crate) mod sys;
 pub(crate) mod text;
 

@@ -81,7 +81,9 @@
 //! [`abandon_handover`](Session::abandon_handover) starts cold.
 
 pub(crate) mod fault;
+#[allow(unsafe_code)]
 mod os;
+#[allow(unsafe_code)]
 mod undo;
 
 use std::sync::Arc;
