@@ -837,7 +837,7 @@ mod tests {
     proptest! {
         #![proptest_config(if cfg!(miri) {
         // Under Miri: few cases, and no failure file (no file system).
-        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(4) }
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(2) }
     } else {
         ProptestConfig::with_cases(200)
     })]

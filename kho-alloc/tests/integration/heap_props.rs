@@ -231,7 +231,7 @@ proptest! {
             1..if cfg!(miri) { 40 } else { 300 },
         ),
     ) {
-        let heap = Heap::new(Arena::heap(&ArenaConfig::with_size(8 << 20)).unwrap()).unwrap();
+        let heap = Heap::new(Arena::heap(&ArenaConfig::with_size(if cfg!(miri) { 2 << 20 } else { 8 << 20 })).unwrap()).unwrap();
         let specs = [("small", 24u32, 8u32), ("mid", 200, 64), ("page", 4096, 4096)];
         let caches: Vec<_> = specs.iter().map(|&(n, s, a)| heap.cache(n, s, a).unwrap()).collect();
         let mut live: Vec<(usize, Obj, u64)> = Vec::new();
