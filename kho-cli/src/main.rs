@@ -51,7 +51,7 @@ enum Command {
     /// Run a live update of a key-value store across a real exec.
     #[command(
         long_about = "Run a live update of a key-value store across a real exec: fill the \
-store in an arena file, freeze and commit a handover, exec this binary as the successor \
+store in an arena (a memfd, or a new file with --arena), freeze and commit a handover, exec this binary as the successor \
 with the arena descriptor inherited, restore, and verify every entry. Prints the blackout \
 (freeze, commit, exec, restore) and what the checker found in the image.",
         after_help = "\
@@ -59,7 +59,7 @@ Exit codes: 0 every entry verified by the successor, 1 it was not, 2 the
 handover or the exec failed.
 
 Examples:
-  kho demo                                   1,000,000 entries of 100 bytes, temporary arena
+  kho demo                                   1,000,000 entries of 100 bytes, arena in a memfd
   kho demo --entries 10000 --value-size 64   a smaller store
   kho demo --arena kv.arena                  keep the arena, then: kho check kv.arena"
     )]
