@@ -275,7 +275,7 @@ pub(crate) struct PendingFault {
     state: AtomicU8,
     addr: AtomicUsize,
     ip: AtomicUsize,
-    /// Encoded [`FaultKind`].
+    /// Encoded [`Fault`].
     code: AtomicU64,
 }
 
