@@ -315,6 +315,7 @@ fn session_handover_through_an_inherited_memfd() {
 /// Whether the current superblock slot of the arena open at `fd` has the
 /// restored flag (layout: `superblock.rs`; flags at 0x5c, generation at
 /// 0x60). Read through a read-only descriptor of its own.
+#[cfg_attr(miri, allow(dead_code))]
 fn current_slot_restored(fd: i32) -> bool {
     let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).unwrap();
     let mut sb = vec![0u8; 2 * PAGE_SIZE as usize];
