@@ -4,7 +4,7 @@
 //! space. This crate knows which folios of an arena are preserved, how that
 //! knowledge is written into a handover image, and how a successor validates
 //! untrusted image bytes and restores each preserved folio exactly once. It
-//! performs no I/O and contains no `unsafe`: everything works on `&[u8]`.
+//! performs no I/O and is safe Rust throughout: everything works on `&[u8]`.
 //!
 //! ```
 //! use kho_core::{Order, Pfn, PreservedMap};
