@@ -1445,12 +1445,8 @@ impl Heap {
         self.preserve_owned(folio, false)
     }
 
-    /// Preserve the page-aligned `range`, split into maximal folios at the
-    /// boundaries of the allocations it covers. Every page must belong to a
-    /// folio handed to an owner ([`alloc_pages`](Self::alloc_pages), an
-    /// object above 4 KiB, a restored folio); freeing one of them
-    /// unpreserves the part of `range` inside it. All or nothing.
-    pub fn preserve_range(&self, range: PhysRange) -> Result<()> {
+    /// The first and end PFNs of a page-aligned `range` of the arena.
+    fn range_pfns(&self, range: PhysRange) -> Result<(Pfn, Pfn)> {
         if !range.is_page_aligned() {
             return Err(kho_core::MapError::Unaligned {
                 start: range.start,
@@ -1458,11 +1454,24 @@ impl Heap {
             }
             .into());
         }
-        let (first, end) = range.pfns().ok_or(Error::OutOfBounds {
+        range.pfns().ok_or_else(|| self.out_of_bounds(range))
+    }
+
+    fn out_of_bounds(&self, range: PhysRange) -> Error {
+        Error::OutOfBounds {
             offset: range.start,
             len: range.len,
             size: self.size(),
-        })?;
+        }
+    }
+
+    /// Preserve the page-aligned `range`, split into maximal folios at the
+    /// boundaries of the allocations it covers. Every page must belong to a
+    /// folio handed to an owner ([`alloc_pages`](Self::alloc_pages), an
+    /// object above 4 KiB, a restored folio); freeing one of them
+    /// unpreserves the part of `range` inside it. All or nothing.
+    pub fn preserve_range(&self, range: PhysRange) -> Result<()> {
+        let (first, end) = self.range_pfns(range)?;
         self.with_map(|m| {
             let owned = self.owned_folios(first, end, range.start, range.len)?;
             if let Some(f) = m.first_overlap(first, end) {
@@ -1477,11 +1486,7 @@ impl Heap {
             for o in owned {
                 let lo = o.pfn.max(first);
                 let hi = o.end_pfn().min(end);
-                let start = lo.addr().ok_or(Error::OutOfBounds {
-                    offset: range.start,
-                    len: range.len,
-                    size: self.size(),
-                })?;
+                let start = lo.addr().ok_or_else(|| self.out_of_bounds(range))?;
                 m.preserve_range(start, (hi.0 - lo.0) * PAGE_SIZE)?;
             }
             Ok(())
@@ -1497,18 +1502,7 @@ impl Heap {
     /// page-aligned `range` must be preserved, by folios lying inside it.
     /// All or nothing.
     pub fn unpreserve_range(&self, range: PhysRange) -> Result<()> {
-        if !range.is_page_aligned() {
-            return Err(kho_core::MapError::Unaligned {
-                start: range.start,
-                len: range.len,
-            }
-            .into());
-        }
-        let (first, end) = range.pfns().ok_or(Error::OutOfBounds {
-            offset: range.start,
-            len: range.len,
-            size: self.size(),
-        })?;
+        let (first, end) = self.range_pfns(range)?;
         self.with_map(|m| {
             let mut folios = Vec::new();
             let mut at = first;
