@@ -7,7 +7,9 @@
 //! For each: building the map with the bulk APIs and one folio per call,
 //! serializing, parsing with full validation (CRCs included) against a
 //! `memcpy` and a bare CRC32 of the same bytes in the same run, walking
-//! every folio and every range, bulk restore and point queries. The
+//! every folio (by internal iteration and by `next()`) and every range
+//! against a bare read of the image's bytes, bulk restore and point
+//! queries. The
 //! image-size figures are printed on stderr.
 
 use std::hint::black_box;
@@ -188,6 +190,15 @@ fn scenario(c: &mut Criterion, s: &Scenario) {
             black_box(&dst);
         })
     });
+    // The least any walk of the image costs: reading each of its bytes
+    // once. The sparse image outgrows the caches, so this is memory speed.
+    g.bench_function("read_baseline", |b| {
+        b.iter(|| {
+            black_box(&bytes)
+                .chunks_exact(8)
+                .fold(0u64, |a, w| a ^ u64::from_le_bytes(w.try_into().unwrap()))
+        })
+    });
     g.bench_function("crc32_baseline", |b| {
         b.iter(|| crc32fast::hash(black_box(&bytes)))
     });
@@ -199,6 +210,17 @@ fn scenario(c: &mut Criterion, s: &Scenario) {
     g.throughput(Throughput::Elements(folios));
     g.bench_function("walk_folios", |b| {
         b.iter(|| img.folios().map(black_box).count())
+    });
+    // The same walk driven by `next()`, as a `for` loop does.
+    g.bench_function("walk_folios_next", |b| {
+        b.iter(|| {
+            let mut n = 0u64;
+            for f in img.folios() {
+                black_box(f);
+                n += 1;
+            }
+            n
+        })
     });
     g.bench_function("restore_all", |b| {
         b.iter(|| {

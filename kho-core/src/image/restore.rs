@@ -137,4 +137,26 @@ impl Iterator for RestoreAll<'_, '_> {
         }
         None
     }
+
+    #[inline]
+    fn fold<B, F: FnMut(B, Folio) -> B>(self, init: B, mut f: F) -> B {
+        let RestoreAll {
+            merge,
+            restored,
+            remaining,
+        } = self;
+        merge.fold_located(init, |acc, l| {
+            let Some(word) = restored.get_mut(l.block * BLOCK_WORDS + (l.bit / 64) as usize)
+            else {
+                return acc;
+            };
+            let mask = 1u64 << (l.bit % 64);
+            if *word & mask != 0 {
+                return acc;
+            }
+            *word |= mask;
+            *remaining -= 1;
+            f(acc, l.folio)
+        })
+    }
 }

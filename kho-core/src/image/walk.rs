@@ -21,12 +21,18 @@ pub(crate) struct Located {
 }
 
 /// Bit `i` set when word `i` of `b` is non-zero. Branch-free, so sparse
-/// blocks (a few scattered bits) cost no mispredicted branch per word.
+/// blocks (a few scattered bits) cost no mispredicted branch per word; built
+/// a byte at a time, which compiles to straight-line compares (a third
+/// faster here than one 64-step loop, which vectorizes into lane shifts).
 #[inline(always)]
 fn nonzero_words(b: &RawBlock) -> u64 {
     let mut mask = 0u64;
-    for (i, w) in b.bits.iter().enumerate() {
-        mask |= u64::from(w.get() != 0) << i;
+    for (c, eight) in b.bits.chunks_exact(8).enumerate() {
+        let mut m = 0u8;
+        for (i, w) in eight.iter().enumerate() {
+            m |= u8::from(w.get() != 0) << i;
+        }
+        mask |= u64::from(m) << (c * 8);
     }
     mask
 }
@@ -88,76 +94,142 @@ impl<'a> OrderFolios<'a> {
     }
 }
 
+impl<'a> OrderFolios<'a> {
+    /// Feed `f` every folio up to and including PFN `limit`, and return the
+    /// first folio above it (taken from the cursor) if there is one. The
+    /// cursor's state lives in locals for the whole run, so the loop keeps
+    /// it in registers.
+    #[inline(always)]
+    fn run<B>(
+        &mut self,
+        limit: u64,
+        mut acc: B,
+        f: &mut impl FnMut(B, Located) -> B,
+    ) -> (B, Option<Located>) {
+        let (blocks, first_block, order) = (self.blocks, self.first_block, self.order);
+        let shift = order.get();
+        let (mut bi, mut wi, mut word, mut wmask, mut wbase) =
+            (self.bi, self.wi, self.word, self.wmask, self.wbase);
+        let over = 'run: loop {
+            let Some(b) = blocks.get(bi) else {
+                break None;
+            };
+            let base = b.base_pfn();
+            loop {
+                while word != 0 {
+                    let bit = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let l = Located {
+                        folio: Folio {
+                            pfn: Pfn(wbase + (bit << shift)),
+                            order,
+                        },
+                        block: first_block + bi,
+                        bit: wi as u64 * 64 + bit,
+                    };
+                    if l.folio.pfn.0 > limit {
+                        break 'run Some(l);
+                    }
+                    acc = f(acc, l);
+                }
+                if wmask == 0 {
+                    break;
+                }
+                wi = wmask.trailing_zeros() as usize;
+                wmask &= wmask - 1;
+                word = b.bits.get(wi).map_or(0, |w| w.get());
+                wbase = base + ((wi as u64 * 64) << shift);
+            }
+            bi += 1;
+            wmask = blocks.get(bi).map_or(0, nonzero_words);
+        };
+        (self.bi, self.wi, self.word, self.wmask, self.wbase) = (bi, wi, word, wmask, wbase);
+        (acc, over)
+    }
+}
+
 /// Folios of every order merged into address order.
 ///
-/// With several orders, one cursor is *active*: it yields directly while
-/// its folios stay at or below `limit`, the lowest next folio among the
-/// other orders; the others wait with their next folio peeked.
+/// One cursor is *active* and held by value: it yields directly while its
+/// folios stay at or below `limit`, the lowest next folio among the other
+/// orders (`u64::MAX` when it is alone). The others wait with their next
+/// folio peeked; at the start every cursor waits. Every step is inlined, so a loop over the walk keeps the
+/// active cursor in registers.
 #[derive(Clone)]
 pub(crate) struct FolioMerge<'a> {
-    /// The only order present, if there is at most one.
-    single: Option<OrderFolios<'a>>,
-    /// With several orders: each cursor and its peeked next folio (`None`
-    /// for the active cursor, or once a waiting cursor is exhausted).
-    heads: Vec<(OrderFolios<'a>, Option<Located>)>,
-    active: Option<usize>,
+    active: Option<OrderFolios<'a>>,
     limit: u64,
+    /// The other orders: each cursor and the next folio it yields.
+    waiting: Vec<(OrderFolios<'a>, Located)>,
 }
 
 impl<'a> FolioMerge<'a> {
     pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
-        let mut cursors = Order::all().filter_map(|o| {
+        let mut waiting = Vec::new();
+        for o in Order::all() {
             let (lo, hi) = spans[o.index()];
-            let b = blocks.get(lo..hi).filter(|b| !b.is_empty())?;
-            Some(OrderFolios::new(b, lo, o))
-        });
-        let orders = spans.iter().filter(|(lo, hi)| lo < hi).count();
-        if orders <= 1 {
-            return FolioMerge {
-                single: cursors.next(),
-                heads: Vec::new(),
-                active: None,
-                limit: 0,
+            let Some(b) = blocks.get(lo..hi).filter(|b| !b.is_empty()) else {
+                continue;
             };
-        }
-        let mut heads = Vec::with_capacity(orders);
-        for mut c in cursors {
-            let h = c.next();
-            heads.push((c, h));
+            let mut c = OrderFolios::new(b, lo, o);
+            if let Some(l) = c.next() {
+                waiting.push((c, l));
+            }
         }
         FolioMerge {
-            single: None,
-            heads,
             active: None,
             limit: 0,
+            waiting,
         }
     }
 
     #[inline(always)]
     pub(crate) fn next_located(&mut self) -> Option<Located> {
-        if let Some(s) = &mut self.single {
-            return s.next();
-        }
-        if let Some(a) = self.active {
-            if let Some((c, slot)) = self.heads.get_mut(a) {
-                match c.next() {
-                    Some(l) if l.folio.pfn.0 <= self.limit => return Some(l),
-                    other => *slot = other,
+        let Some(c) = self.active.as_mut() else {
+            return self.promote();
+        };
+        match c.next() {
+            Some(l) if l.folio.pfn.0 <= self.limit => Some(l),
+            Some(l) => {
+                if let Some(c) = self.active.take() {
+                    self.waiting.push((c, l));
                 }
+                self.promote()
             }
-            self.active = None;
+            None => {
+                self.active = None;
+                self.promote()
+            }
         }
-        self.next_merged()
     }
 
-    /// Make the cursor with the lowest peeked folio active and return that
-    /// folio.
-    #[inline(never)]
-    fn next_merged(&mut self) -> Option<Located> {
-        self.heads.retain(|(_, h)| h.is_some());
+    /// Feed `f` every remaining folio in address order: internal iteration,
+    /// which runs each order's stretch below `limit` as one tight loop.
+    #[inline]
+    pub(crate) fn fold_located<B>(mut self, init: B, mut f: impl FnMut(B, Located) -> B) -> B {
+        let mut acc = init;
+        loop {
+            if let Some(mut c) = self.active.take() {
+                let (a, over) = c.run(self.limit, acc, &mut f);
+                acc = a;
+                if let Some(l) = over {
+                    self.waiting.push((c, l));
+                }
+            }
+            match self.promote() {
+                Some(l) => acc = f(acc, l),
+                None => break acc,
+            }
+        }
+    }
+
+    /// Make the waiting cursor with the lowest next folio active and return
+    /// that folio.
+    #[inline]
+    fn promote(&mut self) -> Option<Located> {
         let (mut best, mut best_pfn, mut second) = (0, u64::MAX, u64::MAX);
-        for (i, (_, h)) in self.heads.iter().enumerate() {
-            let p = h.as_ref().map_or(u64::MAX, |h| h.folio.pfn.0);
+        for (i, (_, l)) in self.waiting.iter().enumerate() {
+            let p = l.folio.pfn.0;
             if p < best_pfn {
                 second = best_pfn;
                 best_pfn = p;
@@ -166,11 +238,13 @@ impl<'a> FolioMerge<'a> {
                 second = p;
             }
         }
-        let (_, slot) = self.heads.get_mut(best)?;
-        let out = slot.take();
-        self.active = Some(best);
+        if best >= self.waiting.len() {
+            return None;
+        }
+        let (c, l) = self.waiting.swap_remove(best);
+        self.active = Some(c);
         self.limit = second;
-        out
+        Some(l)
     }
 }
 
@@ -194,11 +268,7 @@ impl fmt::Debug for ImageFolios<'_> {
         f.debug_struct("ImageFolios")
             .field(
                 "orders",
-                &self
-                    .merge
-                    .heads
-                    .len()
-                    .max(usize::from(self.merge.single.is_some())),
+                &(self.merge.waiting.len() + usize::from(self.merge.active.is_some())),
             )
             .finish()
     }
@@ -210,6 +280,11 @@ impl Iterator for ImageFolios<'_> {
     #[inline(always)]
     fn next(&mut self) -> Option<Folio> {
         self.merge.next_located().map(|l| l.folio)
+    }
+
+    #[inline]
+    fn fold<B, F: FnMut(B, Folio) -> B>(self, init: B, mut f: F) -> B {
+        self.merge.fold_located(init, |acc, l| f(acc, l.folio))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kho_core::image::testing::RawImage;
 use kho_core::{
     BuildError, Extent, Image, ImageBuilder, Order, ParseError, Pfn, PhysAddr, PhysRange,
-    PreservedMap, SectionKind, SlabCacheInfo, SlabPageInfo,
+    PreservedMap, Restorer, SectionKind, SlabCacheInfo, SlabPageInfo,
 };
 use proptest::prelude::*;
 
@@ -53,12 +53,34 @@ proptest! {
         reqs in arb_reqs(),
         probes in prop::collection::vec(0..LIMIT + 4096, 128),
         extend_pick in any::<prop::sample::Index>(),
+        split in any::<prop::sample::Index>(),
     ) {
         let map = build_map(&reqs);
         let bytes = ImageBuilder::new(LIMIT << 12).memmap(&map).build().unwrap();
         let img = Image::parse(&bytes).unwrap();
         prop_assert_eq!(img.folio_count(), map.folio_count());
         prop_assert!(img.folios().eq(map.folios()));
+        // Internal iteration (fold, as count and for_each use) yields the
+        // same folios as next(), also when it takes over part way.
+        let want: Vec<_> = map.folios().collect();
+        let k = split.index(want.len() + 1);
+        let mut it = img.folios();
+        let mut got: Vec<_> = it.by_ref().take(k).collect();
+        got = it.fold(got, |mut v, f| {
+            v.push(f);
+            v
+        });
+        prop_assert_eq!(&got, &want);
+        prop_assert_eq!(img.folios().count(), want.len());
+        let mut r = Restorer::new(&img);
+        let mut restored: Vec<_> = r.restore_all().take(k).collect();
+        restored = r.restore_all().fold(restored, |mut v, f| {
+            v.push(f);
+            v
+        });
+        prop_assert_eq!(&restored, &want);
+        prop_assert_eq!(r.remaining(), 0);
+        prop_assert_eq!(r.restore_all().count(), 0);
         prop_assert!(img.ranges().eq(map.ranges()));
         prop_assert!(img.blocks().eq(map.blocks()));
         prop_assert_eq!(img.preserved_bytes(), map.total_bytes());
