@@ -204,6 +204,149 @@ struct Higher<'a> {
     next: u64,
 }
 
+/// The state of the MEMMAP block checks, one block at a time in index
+/// order (see [`Image::memmap_pass`]).
+struct BlockScan<'a> {
+    blocks: &'a [RawBlock],
+    arena_pages: u64,
+    /// Where each order's blocks are, by their order field (the block
+    /// checks make this exact, or fail).
+    by_order: [(usize, usize); NR_ORDERS],
+    /// The order and base of the block checked last.
+    prev: Option<(u8, u64)>,
+    /// The run the last block began or continued: its order field, span
+    /// and the highest base whose span stays inside the arena.
+    run: Option<(u64, u64, u64)>,
+    /// The first block rule broken, after which nothing more is checked.
+    error: Option<ParseError>,
+    /// The first overlap of two orders, after which overlaps are not
+    /// checked.
+    overlap: Option<ParseError>,
+    /// The orders above the current block's, with their blocks and a merge
+    /// cursor each; rebuilt when the order changes.
+    higher: [Higher<'a>; NR_ORDERS],
+    n_higher: usize,
+    cursor_order: Option<u8>,
+    /// No higher folio starts below this that the cursors have not already
+    /// cleared, so a block ending here needs no overlap check.
+    clear_to: u64,
+}
+
+impl<'a> BlockScan<'a> {
+    fn new(blocks: &'a [RawBlock], arena_pages: u64) -> Self {
+        let mut by_order = [(0, 0); NR_ORDERS];
+        let mut from = 0;
+        for (o, slot) in by_order.iter_mut().enumerate() {
+            let to = from + blocks[from..].partition_point(|b| b.order_field() <= o as u64);
+            *slot = (from, to);
+            from = to;
+        }
+        BlockScan {
+            blocks,
+            arena_pages,
+            by_order,
+            prev: None,
+            run: None,
+            error: None,
+            overlap: None,
+            higher: [Higher::default(); NR_ORDERS],
+            n_higher: 0,
+            cursor_order: None,
+            clear_to: 0,
+        }
+    }
+
+    /// The fast path: how many leading blocks of `blocks` continue the
+    /// current run (same order, after the one before, aligned, not empty,
+    /// inside the arena) and need no overlap check. Those are done; the
+    /// first block after them takes [`Self::block`].
+    ///
+    /// The block key holds the base above the order field, so "same order
+    /// and aligned" is `key & (span - 1) == order` and, among keys of one
+    /// order, "after" is `key > previous key`.
+    #[inline]
+    fn fast(&mut self, blocks: &[RawBlock]) -> usize {
+        let (Some((order, span, last)), Some((_, pb))) = (self.run, self.prev) else {
+            return 0;
+        };
+        let settled = self.overlap.is_some();
+        if !settled && self.cursor_order != Some(order as u8) {
+            return 0;
+        }
+        // The highest base that is inside the arena and needs no overlap
+        // check.
+        let limit = if settled {
+            last
+        } else {
+            last.min(self.clear_to.saturating_sub(span))
+        };
+        let mut key = pb | order;
+        let mut n = 0;
+        for b in blocks {
+            let k = b.key.get();
+            let ok = (k & (span - 1) == order)
+                & (k > key)
+                & (k & !RawBlock::ORDER_MASK <= limit)
+                && (b.bits[0].get() != 0 || b.bits.iter().any(|w| w.get() != 0));
+            if !ok {
+                break;
+            }
+            key = k;
+            n += 1;
+        }
+        if n > 0 {
+            self.prev = Some((order as u8, key & !RawBlock::ORDER_MASK));
+        }
+        n
+    }
+
+    /// Block `i` on its own: the block rules, then its overlaps.
+    fn block(&mut self, img: &Image<'a>, i: usize, b: &RawBlock) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Err(e) = img.check_block(i, b, &mut self.prev) {
+            self.error = Some(e);
+            return;
+        }
+        let order = b.order_field();
+        let span = span(order as u8);
+        self.run = self
+            .arena_pages
+            .checked_sub(span)
+            .map(|last| (order, span, last));
+        if self.overlap.is_some() {
+            return;
+        }
+        let o = order as u8;
+        if self.cursor_order != Some(o) {
+            self.cursor_order = Some(o);
+            self.n_higher = 0;
+            self.clear_to = 0;
+            for (h, &(lo, hi)) in self.by_order.iter().enumerate().skip(usize::from(o) + 1) {
+                if lo < hi {
+                    self.higher[self.n_higher] = Higher {
+                        order: h as u8,
+                        blocks: &self.blocks[lo..hi],
+                        cursor: 0,
+                        next: 0,
+                    };
+                    self.n_higher += 1;
+                }
+            }
+        }
+        // Checked by `check_block`: the block lies inside the arena.
+        if b.base_pfn() + span <= self.clear_to {
+            return;
+        }
+        let higher = &mut self.higher[..self.n_higher];
+        if let Err(e) = img.overlaps_of(i, b, o, higher) {
+            self.overlap = Some(e);
+        }
+        self.clear_to = higher.iter().map(|h| h.next).min().unwrap_or(u64::MAX);
+    }
+}
+
 impl Higher<'_> {
     /// The start of the first folio at or after `q` (a multiple of the
     /// folio size), or `u64::MAX`; leaves the cursor on its block. The
@@ -224,23 +367,31 @@ impl Higher<'_> {
     }
 }
 
-/// Bits `[lo, hi)` of a block's words: the first one set.
+/// Bits `[lo, hi)` of a block's words: the first one set. Bits past the
+/// block read as clear.
 fn first_set_in(words: &[U64; BLOCK_WORDS], lo: u64, hi: u64) -> Option<u64> {
-    let mut i = lo;
-    while i < hi {
-        let w = (i / 64) as usize;
-        let bit = i % 64;
-        let mut word = words.get(w).map_or(0, |x| x.get()) >> bit;
-        let avail = (64 - bit).min(hi - i);
-        if avail < 64 {
-            word &= (1u64 << avail) - 1;
+    let hi = hi.min(BLOCK_BITS);
+    if lo >= hi {
+        return None;
+    }
+    let last = ((hi - 1) / 64) as usize;
+    let mut w = (lo / 64) as usize;
+    // The first word without the bits below `lo`, then whole words.
+    let mut word = words[w].get() & (!0u64 << (lo % 64));
+    loop {
+        if w == last {
+            let keep = hi - last as u64 * 64;
+            if keep < 64 {
+                word &= (1u64 << keep) - 1;
+            }
+            return (word != 0).then(|| w as u64 * 64 + u64::from(word.trailing_zeros()));
         }
         if word != 0 {
-            return Some(i + u64::from(word.trailing_zeros()));
+            return Some(w as u64 * 64 + u64::from(word.trailing_zeros()));
         }
-        i += avail;
+        w += 1;
+        word = words[w].get();
     }
-    None
 }
 
 impl<'a> Image<'a> {
@@ -490,74 +641,48 @@ impl<'a> Image<'a> {
     /// further on, located by their order field before they are checked;
     /// when one of them breaks a rule, that error wins, exactly as if the
     /// blocks had all been checked first.
+    ///
+    /// Most blocks continue a run of their order with nothing of a higher
+    /// order nearby; [`BlockScan::fast`] takes those a few instructions
+    /// each, and every other block goes through the full rules
+    /// ([`BlockScan::block`]), which decide the error if there is one.
     fn memmap_pass(&mut self) -> (u32, ParseResult<()>) {
-        const CHUNK: usize = 32;
+        // Blocks hashed per call: 66 KiB, still in cache when its blocks are
+        // checked right after.
+        const CHUNK: usize = 128;
         let blocks = self.blocks;
-        // Where each order's blocks are, by their order field (the block
-        // checks below make this exact, or fail).
-        let mut by_order: [&'a [RawBlock]; NR_ORDERS] = [&[]; NR_ORDERS];
-        let mut from = 0;
-        for (o, slot) in by_order.iter_mut().enumerate() {
-            let to = from + blocks[from..].partition_point(|b| b.order_field() <= o as u64);
-            *slot = &blocks[from..to];
-            from = to;
-        }
+        let mut scan = BlockScan::new(blocks, self.header.arena_size >> PAGE_SHIFT);
         let mut hasher = crc32fast::Hasher::new();
-        let mut prev = None;
-        let mut block_error = None;
-        let mut overlap = None;
-        // The orders above the current block's, with their blocks and a
-        // merge cursor each; rebuilt when the order changes.
-        let mut higher: [Higher<'a>; NR_ORDERS] = [Higher::default(); NR_ORDERS];
-        let mut n_higher = 0;
-        let mut cursor_order = None;
         for (c, chunk) in blocks.chunks(CHUNK).enumerate() {
             hasher.update(chunk.as_bytes());
-            if block_error.is_some() {
-                continue;
-            }
-            for (k, b) in chunk.iter().enumerate() {
-                let i = c * CHUNK + k;
-                if let Err(e) = self.check_block(i, b, &mut prev) {
-                    block_error = Some(e);
+            let mut i = c * CHUNK;
+            let mut rest = chunk;
+            while scan.error.is_none() {
+                let n = scan.fast(rest);
+                i += n;
+                let Some((b, tail)) = rest.get(n..).and_then(<[RawBlock]>::split_first) else {
                     break;
-                }
-                if overlap.is_some() {
-                    continue;
-                }
-                let o = b.order_field() as u8;
-                if cursor_order != Some(o) {
-                    cursor_order = Some(o);
-                    n_higher = 0;
-                    for (h, hb) in by_order.iter().enumerate().skip(usize::from(o) + 1) {
-                        if !hb.is_empty() {
-                            higher[n_higher] = Higher {
-                                order: h as u8,
-                                blocks: hb,
-                                cursor: 0,
-                                next: 0,
-                            };
-                            n_higher += 1;
-                        }
-                    }
-                }
-                if let Err(e) = self.overlaps_of(i, b, o, &mut higher[..n_higher]) {
-                    overlap = Some(e);
-                }
+                };
+                scan.block(self, i, b);
+                i += 1;
+                rest = tail;
             }
         }
         let crc = hasher.finalize();
-        let verdict = match (block_error, overlap) {
+        let verdict = match (scan.error, scan.overlap) {
             (Some(e), _) | (None, Some(e)) => Err(e),
-            (None, None) => Ok(()),
+            (None, None) => {
+                self.spans = scan.by_order;
+                Ok(())
+            }
         };
         (crc, verdict)
     }
 
     /// One MEMMAP block: order, alignment, strict order after `prev`,
-    /// non-empty, inside the arena. Extends `spans`.
+    /// non-empty, inside the arena.
     fn check_block(
-        &mut self,
+        &self,
         i: usize,
         b: &RawBlock,
         prev: &mut Option<(u8, u64)>,
@@ -628,11 +753,6 @@ impl<'a> Image<'a> {
                 });
             }
         }
-        let o = order as usize;
-        if self.spans[o].1 == 0 {
-            self.spans[o].0 = i;
-        }
-        self.spans[o].1 = i + 1;
         Ok(())
     }
 
@@ -1703,3 +1823,33 @@ impl Iterator for ExtentIter<'_> {
 }
 
 impl ExactSizeIterator for ExtentIter<'_> {}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use zerocopy::little_endian::U64;
+
+    use super::first_set_in;
+    use crate::memmap::{BLOCK_BITS, BLOCK_WORDS};
+
+    fn brute(words: &[u64; BLOCK_WORDS], lo: u64, hi: u64) -> Option<u64> {
+        (lo..hi.min(BLOCK_BITS)).find(|&i| words[(i / 64) as usize] >> (i % 64) & 1 == 1)
+    }
+
+    proptest! {
+        #[test]
+        fn first_set_in_matches_a_bit_by_bit_scan(
+            bits in prop::collection::vec(0..BLOCK_BITS, 0..12),
+            lo in 0..BLOCK_BITS + 70,
+            len in 0u64..5000,
+        ) {
+            let mut words = [0u64; BLOCK_WORDS];
+            for b in bits {
+                words[(b / 64) as usize] |= 1 << (b % 64);
+            }
+            let raw: [U64; BLOCK_WORDS] = words.map(U64::new);
+            let hi = lo + len;
+            prop_assert_eq!(first_set_in(&raw, lo, hi), brute(&words, lo, hi));
+        }
+    }
+}
