@@ -284,9 +284,7 @@ impl<'a> BlockScan<'a> {
         let mut n = 0;
         for b in blocks {
             let k = b.key.get();
-            let ok = (k & (span - 1) == order)
-                & (k > key)
-                & (k & !RawBlock::ORDER_MASK <= limit)
+            let ok = (k & (span - 1) == order) & (k > key) & (k & !RawBlock::ORDER_MASK <= limit)
                 && (b.bits[0].get() != 0 || b.bits.iter().any(|w| w.get() != 0));
             if !ok {
                 break;
@@ -681,12 +679,7 @@ impl<'a> Image<'a> {
 
     /// One MEMMAP block: order, alignment, strict order after `prev`,
     /// non-empty, inside the arena.
-    fn check_block(
-        &self,
-        i: usize,
-        b: &RawBlock,
-        prev: &mut Option<(u8, u64)>,
-    ) -> ParseResult<()> {
+    fn check_block(&self, i: usize, b: &RawBlock, prev: &mut Option<(u8, u64)>) -> ParseResult<()> {
         let arena_pages = self.header.arena_size >> PAGE_SHIFT;
         let offset = self.block_offset(i);
         let order_field = b.order_field();

@@ -146,8 +146,7 @@ impl Iterator for RestoreAll<'_, '_> {
             remaining,
         } = self;
         merge.fold_located(init, |acc, l| {
-            let Some(word) = restored.get_mut(l.block * BLOCK_WORDS + (l.bit / 64) as usize)
-            else {
+            let Some(word) = restored.get_mut(l.block * BLOCK_WORDS + (l.bit / 64) as usize) else {
                 return acc;
             };
             let mask = 1u64 << (l.bit % 64);

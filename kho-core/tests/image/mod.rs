@@ -3,6 +3,7 @@
 mod errors;
 mod full;
 mod golden;
+mod long_runs;
 mod overlap;
 mod restore;
 mod roundtrip;
