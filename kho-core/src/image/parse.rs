@@ -1375,6 +1375,25 @@ impl<'a> Image<'a> {
     }
 
     /// Every preserved folio in address order.
+    ///
+    /// Read in place from the mapped blocks. Internal iteration (`for_each`,
+    /// `fold`, `count`, `sum` and the adapters built on them) runs each
+    /// order's stretch as one tight loop and is the fastest way through a
+    /// large image; `next()` works too, a little slower per folio.
+    ///
+    /// ```
+    /// use kho_core::{Image, ImageBuilder, Order, Pfn, PreservedMap};
+    ///
+    /// let mut map = PreservedMap::new(Pfn(1 << 16));
+    /// map.preserve_folios(Pfn(0), Order::ZERO, 100)?;
+    /// map.preserve(Pfn(512), Order::new(9).unwrap())?;
+    /// let bytes = ImageBuilder::new(1 << 28).memmap(&map).build()?;
+    /// let img = Image::parse(&bytes)?;
+    /// let pages: u64 = img.folios().map(|f| f.order.pages()).sum();
+    /// assert_eq!(pages, 100 + 512);
+    /// assert_eq!(img.folios().last().map(|f| f.pfn), Some(Pfn(512)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn folios(&self) -> ImageFolios<'a> {
         ImageFolios::new(self.blocks, &self.spans)
     }

@@ -116,21 +116,37 @@ impl<'a> OrderFolios<'a> {
             };
             let base = b.base_pfn();
             loop {
-                while word != 0 {
-                    let bit = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let l = Located {
-                        folio: Folio {
-                            pfn: Pfn(wbase + (bit << shift)),
-                            order,
-                        },
-                        block: first_block + bi,
-                        bit: wi as u64 * 64 + bit,
+                if word != 0 {
+                    let at = |word: u64| {
+                        let bit = u64::from(word.trailing_zeros());
+                        Located {
+                            folio: Folio {
+                                pfn: Pfn(wbase + (bit << shift)),
+                                order,
+                            },
+                            block: first_block + bi,
+                            bit: wi as u64 * 64 + bit,
+                        }
                     };
-                    if l.folio.pfn.0 > limit {
-                        break 'run Some(l);
+                    if wbase.saturating_add(63 << shift) <= limit {
+                        // Every folio of the word is below the limit.
+                        loop {
+                            acc = f(acc, at(word));
+                            word &= word - 1;
+                            if word == 0 {
+                                break;
+                            }
+                        }
+                    } else {
+                        while word != 0 {
+                            let l = at(word);
+                            word &= word - 1;
+                            if l.folio.pfn.0 > limit {
+                                break 'run Some(l);
+                            }
+                            acc = f(acc, l);
+                        }
                     }
-                    acc = f(acc, l);
                 }
                 if wmask == 0 {
                     break;
