@@ -230,6 +230,19 @@ fn walk_memmap(image: &Image<'_>) {
         bytes_per_order[f.order.index()] += f.bytes();
     }
     assert_eq!(count, image.folio_count());
+    // Internal iteration yields the same folios as `next()`, also when it
+    // takes over part way through.
+    let mut by_next = image.folios();
+    let mut rest = image.folios();
+    let head = (count / 3) as usize;
+    for f in rest.by_ref().take(head) {
+        assert_eq!(by_next.next(), Some(f));
+    }
+    let folded = rest.fold(head as u64, |n, f| {
+        assert_eq!(by_next.next(), Some(f), "fold and next disagree");
+        n + 1
+    });
+    assert_eq!((folded, by_next.next()), (count, None));
     assert_eq!(bytes_per_order, image.bytes_per_order());
     assert_eq!(image.preserved_bytes(), bytes_per_order.iter().sum::<u64>());
 
@@ -427,10 +440,14 @@ fn restore_each_once(image: &Image<'_>) {
         Err(RestoreError::NotPreserved { .. })
     ));
 
-    // A fresh restorer hands out the same folios in bulk.
+    // A fresh restorer hands out the same folios in bulk, by `next()` and
+    // by internal iteration.
     let mut bulk = Restorer::new(image);
     assert!(bulk.restore_all().eq(image.folios()));
     assert_eq!(bulk.remaining(), 0);
+    let mut folded = Restorer::new(image);
+    assert_eq!(folded.restore_all().count() as u64, total);
+    assert_eq!(folded.remaining(), 0);
     for f in image.folios() {
         assert!(bulk.restore_folio(f.pfn).is_err());
     }

@@ -237,7 +237,7 @@ impl<'a> BlockScan<'a> {
         let mut by_order = [(0, 0); NR_ORDERS];
         let mut from = 0;
         for (o, slot) in by_order.iter_mut().enumerate() {
-            let to = from + blocks[from..].partition_point(|b| b.order_field() <= o as u64);
+            let to = run_end(blocks, from, o as u64);
             *slot = (from, to);
             from = to;
         }
@@ -343,6 +343,29 @@ impl<'a> BlockScan<'a> {
         }
         self.clear_to = higher.iter().map(|h| h.next).min().unwrap_or(u64::MAX);
     }
+}
+
+/// The end of the run of blocks from `from` whose order field is at most
+/// `order`, if the blocks are sorted (otherwise some index in
+/// `from..=blocks.len()`, which the block checks then refuse). A gallop
+/// from `from`, so an absent order costs one read of a block that is
+/// already in cache, not a binary search over the whole section.
+fn run_end(blocks: &[RawBlock], from: usize, order: u64) -> usize {
+    let inside = |i: usize| blocks.get(i).is_some_and(|b| b.order_field() <= order);
+    if !inside(from) {
+        return from;
+    }
+    // `lo` is inside the run; find a `hi` past it, doubling the step.
+    let (mut lo, mut step) = (from, 1usize);
+    let hi = loop {
+        let i = lo.saturating_add(step).min(blocks.len());
+        if !inside(i) {
+            break i;
+        }
+        lo = i;
+        step = step.saturating_mul(2);
+    };
+    lo + 1 + blocks[lo + 1..hi].partition_point(|b| b.order_field() <= order)
 }
 
 impl Higher<'_> {
@@ -1841,7 +1864,8 @@ mod tests {
     use proptest::prelude::*;
     use zerocopy::little_endian::U64;
 
-    use super::first_set_in;
+    use super::{first_set_in, run_end};
+    use crate::image::layout::RawBlock;
     use crate::memmap::{BLOCK_BITS, BLOCK_WORDS};
 
     fn brute(words: &[u64; BLOCK_WORDS], lo: u64, hi: u64) -> Option<u64> {
@@ -1862,6 +1886,33 @@ mod tests {
             let raw: [U64; BLOCK_WORDS] = words.map(U64::new);
             let hi = lo + len;
             prop_assert_eq!(first_set_in(&raw, lo, hi), brute(&words, lo, hi));
+        }
+
+        #[test]
+        fn run_end_finds_each_orders_blocks(
+            mut orders in prop::collection::vec(0u8..19, 0..300),
+            sorted in any::<bool>(),
+        ) {
+            if sorted {
+                orders.sort_unstable();
+            }
+            let blocks: Vec<RawBlock> = orders
+                .iter()
+                .map(|&o| RawBlock::new(0, o, [U64::new(1); BLOCK_WORDS]))
+                .collect();
+            let mut from = 0;
+            for o in 0..19u64 {
+                let end = run_end(&blocks, from, o);
+                prop_assert!(from <= end && end <= blocks.len());
+                if sorted {
+                    let want = from + blocks[from..].partition_point(|b| b.order_field() <= o);
+                    prop_assert_eq!(end, want);
+                }
+                from = end;
+            }
+            if sorted {
+                prop_assert_eq!(from, blocks.len());
+            }
         }
     }
 }
