@@ -14,7 +14,7 @@ use super::{Extent, ParseError, ParseResult, SectionKind};
 use crate::addr::{
     Order, Pfn, PhysAddr, PhysRange, MAX_MAP_ORDER, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE,
 };
-use crate::memmap::{BlockBits, Ranges, BLOCK_BITS, BLOCK_WORDS};
+use crate::memmap::{BlockBits, BLOCK_BITS, BLOCK_WORDS};
 
 use super::slab::{name_len, SlabCacheIter, SlabCacheView, SlabPageIter, SlabPageView};
 use super::walk::{Coalesced, ImageFolios, ImageRanges, OrderRuns};
@@ -1427,7 +1427,7 @@ impl<'a> Image<'a> {
 
     /// Preserved memory as maximal runs of pages, in address order.
     pub fn ranges(&self) -> ImageRanges<'a> {
-        Ranges::new(self.folios())
+        ImageRanges::new(self.blocks, &self.spans)
     }
 
     /// Number of preserved folios of `order` (a popcount of its blocks).

@@ -10,7 +10,7 @@ use core::fmt;
 
 use super::layout::RawBlock;
 use crate::addr::{Order, Pfn, NR_ORDERS};
-use crate::memmap::{Folio, Ranges, BLOCK_WORDS};
+use crate::memmap::{Folio, PfnRange, BLOCK_WORDS};
 
 /// A folio and where its bit lives: global block index and bit index.
 #[derive(Clone, Copy, Debug)]
@@ -304,9 +304,42 @@ impl Iterator for ImageFolios<'_> {
     }
 }
 
-/// Coalesced preserved runs of an image; see
+/// Coalesced preserved runs of an image, in address order; see
 /// [`Image::ranges`](super::Image::ranges).
-pub type ImageRanges<'a> = Ranges<ImageFolios<'a>>;
+///
+/// Read as runs of set bits straight from the blocks (whole words at a time
+/// where a run covers them), not folio by folio.
+pub struct ImageRanges<'a> {
+    runs: Coalesced<'a>,
+}
+
+impl<'a> ImageRanges<'a> {
+    pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
+        ImageRanges {
+            runs: Coalesced::new(blocks, spans),
+        }
+    }
+}
+
+impl fmt::Debug for ImageRanges<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageRanges")
+            .field("pending", &self.runs.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iterator for ImageRanges<'_> {
+    type Item = PfnRange;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<PfnRange> {
+        self.runs.next().map(|(start, end)| PfnRange {
+            start: Pfn(start),
+            end: Pfn(end),
+        })
+    }
+}
 
 /// A maximal run of set bits inside one block, in pages.
 #[derive(Clone, Copy)]
@@ -323,22 +356,26 @@ pub(crate) struct OrderRuns<'a> {
     order: u8,
     bi: usize,
     wi: usize,
+    /// Bits of word `wi` not yet reported.
     word: u64,
+    /// Non-zero words of block `bi` after `wi` not yet loaded, so sparse
+    /// blocks are not scanned a word (and a branch) at a time.
+    wmask: u64,
 }
 
 impl<'a> OrderRuns<'a> {
     pub(crate) fn new(blocks: &'a [RawBlock], order: u8) -> Self {
-        let word = blocks.first().map_or(0, |b| b.bits[0].get());
         OrderRuns {
             blocks,
             order,
             bi: 0,
             wi: 0,
-            word,
+            word: 0,
+            wmask: blocks.first().map_or(0, nonzero_words),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn next_piece(&mut self) -> Option<Piece> {
         loop {
             if self.word != 0 {
@@ -373,6 +410,8 @@ impl<'a> OrderRuns<'a> {
                             break;
                         }
                     }
+                    // Words up to `wi` are consumed.
+                    self.wmask &= (!0u64).checked_shl(self.wi as u32 + 1).unwrap_or(0);
                 } else {
                     self.word &= !(((1u64 << n) - 1) << s);
                 }
@@ -382,11 +421,13 @@ impl<'a> OrderRuns<'a> {
                     end: base + (end_idx << self.order),
                 });
             }
-            self.wi += 1;
-            if self.wi >= BLOCK_WORDS {
-                self.wi = 0;
+            if self.wmask == 0 {
                 self.bi += 1;
+                self.wmask = nonzero_words(self.blocks.get(self.bi)?);
+                continue;
             }
+            self.wi = self.wmask.trailing_zeros() as usize;
+            self.wmask &= self.wmask - 1;
             self.word = self.blocks.get(self.bi)?.bits[self.wi].get();
         }
     }
@@ -399,45 +440,74 @@ impl<'a> OrderRuns<'a> {
 /// Runs of every order merged by start address. On a validated image the
 /// runs are disjoint.
 pub(crate) struct RunMerge<'a> {
-    heads: Vec<(OrderRuns<'a>, Piece)>,
+    /// The order yielding now, held by value, with its next piece: it
+    /// yields while that piece starts at or below `limit`, the lowest next
+    /// start among the others (`u64::MAX` when it is alone).
+    active: Option<(OrderRuns<'a>, Piece)>,
+    limit: u64,
+    /// The other orders, each with its next piece.
+    waiting: Vec<(OrderRuns<'a>, Piece)>,
 }
 
 impl<'a> RunMerge<'a> {
     pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
-        let mut heads = Vec::with_capacity(NR_ORDERS);
+        let mut waiting = Vec::new();
         for (order, &(lo, hi)) in spans.iter().enumerate() {
             if let Some(b) = blocks.get(lo..hi).filter(|b| !b.is_empty()) {
                 let mut runs = OrderRuns::new(b, order as u8);
                 if let Some(p) = runs.next_piece() {
-                    heads.push((runs, p));
+                    waiting.push((runs, p));
                 }
             }
         }
-        RunMerge { heads }
+        let mut merge = RunMerge {
+            active: None,
+            limit: 0,
+            waiting,
+        };
+        merge.promote();
+        merge
     }
 
     /// The next run and its order.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn next_piece(&mut self) -> Option<(Piece, u8)> {
-        let mut best = 0;
-        if self.heads.len() > 1 {
-            let mut best_start = u64::MAX;
-            for (i, (_, p)) in self.heads.iter().enumerate() {
-                if p.start < best_start {
-                    best_start = p.start;
-                    best = i;
+        loop {
+            let (runs, piece) = self.active.as_mut()?;
+            if piece.start <= self.limit {
+                let out = (*piece, runs.order());
+                match runs.next_piece() {
+                    Some(p) => *piece = p,
+                    None => {
+                        self.active = None;
+                        self.promote();
+                    }
                 }
+                return Some(out);
+            }
+            if let Some(a) = self.active.take() {
+                self.waiting.push(a);
+            }
+            self.promote();
+        }
+    }
+
+    /// Make the waiting order with the lowest next start active.
+    fn promote(&mut self) {
+        let (mut best, mut best_start, mut second) = (0, u64::MAX, u64::MAX);
+        for (i, (_, p)) in self.waiting.iter().enumerate() {
+            if p.start < best_start {
+                second = best_start;
+                best_start = p.start;
+                best = i;
+            } else if p.start < second {
+                second = p.start;
             }
         }
-        let (runs, piece) = self.heads.get_mut(best)?;
-        let out = (*piece, runs.order());
-        match runs.next_piece() {
-            Some(p) => *piece = p,
-            None => {
-                self.heads.swap_remove(best);
-            }
+        if best < self.waiting.len() {
+            self.active = Some(self.waiting.swap_remove(best));
+            self.limit = second;
         }
-        Some(out)
     }
 }
 
@@ -459,6 +529,9 @@ impl<'a> Coalesced<'a> {
 impl Iterator for Coalesced<'_> {
     type Item = (u64, u64);
 
+    // Inlined down to the caller's loop: a run returned through memory
+    // (an `Option` of 24 bytes) stalls on store forwarding every call.
+    #[inline(always)]
     fn next(&mut self) -> Option<(u64, u64)> {
         while let Some((p, _)) = self.merge.next_piece() {
             match &mut self.pending {
