@@ -1,6 +1,6 @@
 //! Restoring preserved folios from a parsed image, each exactly once.
 
-use super::walk::FolioMerge;
+use super::walk::{FolioMerge, Located};
 use super::{Image, RestoreError};
 use crate::addr::{Order, Pfn};
 use crate::memmap::{Folio, BLOCK_WORDS};
@@ -116,22 +116,29 @@ impl core::fmt::Debug for RestoreAll<'_, '_> {
     }
 }
 
+/// Mark `l` restored in `restored` unless it already is; whether it was
+/// newly restored.
+#[inline(always)]
+fn claim(restored: &mut [u64], remaining: &mut u64, l: &Located) -> bool {
+    let Some(word) = restored.get_mut(l.block * BLOCK_WORDS + (l.bit / 64) as usize) else {
+        return false;
+    };
+    let mask = 1u64 << (l.bit % 64);
+    if *word & mask != 0 {
+        return false;
+    }
+    *word |= mask;
+    *remaining -= 1;
+    true
+}
+
 impl Iterator for RestoreAll<'_, '_> {
     type Item = Folio;
 
     #[inline]
     fn next(&mut self) -> Option<Folio> {
         while let Some(l) = self.merge.next_located() {
-            let Some(word) = self
-                .restored
-                .get_mut(l.block * BLOCK_WORDS + (l.bit / 64) as usize)
-            else {
-                continue;
-            };
-            let mask = 1u64 << (l.bit % 64);
-            if *word & mask == 0 {
-                *word |= mask;
-                *self.remaining -= 1;
+            if claim(self.restored, self.remaining, &l) {
                 return Some(l.folio);
             }
         }
@@ -146,16 +153,11 @@ impl Iterator for RestoreAll<'_, '_> {
             remaining,
         } = self;
         merge.fold_located(init, |acc, l| {
-            let Some(word) = restored.get_mut(l.block * BLOCK_WORDS + (l.bit / 64) as usize) else {
-                return acc;
-            };
-            let mask = 1u64 << (l.bit % 64);
-            if *word & mask != 0 {
-                return acc;
+            if claim(restored, remaining, &l) {
+                f(acc, l.folio)
+            } else {
+                acc
             }
-            *word |= mask;
-            *remaining -= 1;
-            f(acc, l.folio)
         })
     }
 }

@@ -169,8 +169,9 @@ impl<'a> OrderFolios<'a> {
 /// One cursor is *active* and held by value: it yields directly while its
 /// folios stay at or below `limit`, the lowest next folio among the other
 /// orders (`u64::MAX` when it is alone). The others wait with their next
-/// folio peeked; at the start every cursor waits. Every step is inlined, so a loop over the walk keeps the
-/// active cursor in registers.
+/// folio peeked; at the start every cursor waits. Internal iteration
+/// ([`Self::fold_located`]) runs the active cursor's stretch with its state
+/// in registers.
 #[derive(Clone)]
 pub(crate) struct FolioMerge<'a> {
     active: Option<OrderFolios<'a>>,
@@ -440,74 +441,45 @@ impl<'a> OrderRuns<'a> {
 /// Runs of every order merged by start address. On a validated image the
 /// runs are disjoint.
 pub(crate) struct RunMerge<'a> {
-    /// The order yielding now, held by value, with its next piece: it
-    /// yields while that piece starts at or below `limit`, the lowest next
-    /// start among the others (`u64::MAX` when it is alone).
-    active: Option<(OrderRuns<'a>, Piece)>,
-    limit: u64,
-    /// The other orders, each with its next piece.
-    waiting: Vec<(OrderRuns<'a>, Piece)>,
+    heads: Vec<(OrderRuns<'a>, Piece)>,
 }
 
 impl<'a> RunMerge<'a> {
     pub(crate) fn new(blocks: &'a [RawBlock], spans: &[(usize, usize); NR_ORDERS]) -> Self {
-        let mut waiting = Vec::new();
+        let mut heads = Vec::with_capacity(NR_ORDERS);
         for (order, &(lo, hi)) in spans.iter().enumerate() {
             if let Some(b) = blocks.get(lo..hi).filter(|b| !b.is_empty()) {
                 let mut runs = OrderRuns::new(b, order as u8);
                 if let Some(p) = runs.next_piece() {
-                    waiting.push((runs, p));
+                    heads.push((runs, p));
                 }
             }
         }
-        let mut merge = RunMerge {
-            active: None,
-            limit: 0,
-            waiting,
-        };
-        merge.promote();
-        merge
+        RunMerge { heads }
     }
 
     /// The next run and its order.
     #[inline(always)]
     pub(crate) fn next_piece(&mut self) -> Option<(Piece, u8)> {
-        loop {
-            let (runs, piece) = self.active.as_mut()?;
-            if piece.start <= self.limit {
-                let out = (*piece, runs.order());
-                match runs.next_piece() {
-                    Some(p) => *piece = p,
-                    None => {
-                        self.active = None;
-                        self.promote();
-                    }
+        let mut best = 0;
+        if self.heads.len() > 1 {
+            let mut best_start = u64::MAX;
+            for (i, (_, p)) in self.heads.iter().enumerate() {
+                if p.start < best_start {
+                    best_start = p.start;
+                    best = i;
                 }
-                return Some(out);
-            }
-            if let Some(a) = self.active.take() {
-                self.waiting.push(a);
-            }
-            self.promote();
-        }
-    }
-
-    /// Make the waiting order with the lowest next start active.
-    fn promote(&mut self) {
-        let (mut best, mut best_start, mut second) = (0, u64::MAX, u64::MAX);
-        for (i, (_, p)) in self.waiting.iter().enumerate() {
-            if p.start < best_start {
-                second = best_start;
-                best_start = p.start;
-                best = i;
-            } else if p.start < second {
-                second = p.start;
             }
         }
-        if best < self.waiting.len() {
-            self.active = Some(self.waiting.swap_remove(best));
-            self.limit = second;
+        let (runs, piece) = self.heads.get_mut(best)?;
+        let out = (*piece, runs.order());
+        match runs.next_piece() {
+            Some(p) => *piece = p,
+            None => {
+                self.heads.swap_remove(best);
+            }
         }
+        Some(out)
     }
 }
 
