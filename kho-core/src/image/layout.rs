@@ -119,6 +119,13 @@ impl RawBlock {
     pub fn order_field(&self) -> u64 {
         self.key.get() & Self::ORDER_MASK
     }
+
+    /// Whether any bit is set; stops at the first non-zero word, so a
+    /// populated block usually costs one read.
+    #[inline]
+    pub fn has_bits(&self) -> bool {
+        self.bits.iter().any(|w| w.get() != 0)
+    }
 }
 
 /// Size of [`RawBlock`].

@@ -285,7 +285,7 @@ impl<'a> BlockScan<'a> {
         for b in blocks {
             let k = b.key.get();
             let ok = (k & (span - 1) == order) & (k > key) & (k & !RawBlock::ORDER_MASK <= limit)
-                && (b.bits[0].get() != 0 || b.bits.iter().any(|w| w.get() != 0));
+                && b.has_bits();
             if !ok {
                 break;
             }
@@ -736,8 +736,7 @@ impl<'a> Image<'a> {
             }
         }
         *prev = Some((order, base));
-        // Stops at the first non-zero word: O(1) for any populated block.
-        if b.bits.iter().all(|w| w.get() == 0) {
+        if !b.has_bits() {
             return Err(ParseError::EmptyBlock {
                 offset,
                 order,

@@ -37,17 +37,52 @@ fn nonzero_words(b: &RawBlock) -> u64 {
     mask
 }
 
+/// The non-zero words of a run of blocks, in order: the word cursor under
+/// both the folio walk and the run walk.
+#[derive(Clone)]
+struct Words<'a> {
+    blocks: &'a [RawBlock],
+    /// Block and word of the word loaded last.
+    bi: usize,
+    wi: usize,
+    /// Non-zero words of block `bi` after `wi` not yet loaded, so sparse
+    /// blocks are not scanned a word (and a branch) at a time.
+    wmask: u64,
+}
+
+impl<'a> Words<'a> {
+    fn new(blocks: &'a [RawBlock]) -> Self {
+        Words {
+            blocks,
+            bi: 0,
+            wi: 0,
+            wmask: blocks.first().map_or(0, nonzero_words),
+        }
+    }
+
+    /// The next non-zero word and its block, moving on to later blocks as
+    /// needed; `bi` and `wi` then name it.
+    #[inline(always)]
+    fn next(&mut self) -> Option<(&'a RawBlock, u64)> {
+        while self.wmask == 0 {
+            self.bi += 1;
+            self.wmask = nonzero_words(self.blocks.get(self.bi)?);
+        }
+        let b = self.blocks.get(self.bi)?;
+        self.wi = self.wmask.trailing_zeros() as usize;
+        self.wmask &= self.wmask - 1;
+        Some((b, b.bits[self.wi].get()))
+    }
+}
+
 /// One order's folios, lowest first.
 #[derive(Clone)]
 struct OrderFolios<'a> {
-    blocks: &'a [RawBlock],
+    words: Words<'a>,
     first_block: usize,
     order: Order,
-    bi: usize,
-    wi: usize,
+    /// Bits of the word `words` loaded last not yet yielded.
     word: u64,
-    /// Non-zero words of block `bi` not yet loaded into `word`.
-    wmask: u64,
     /// PFN described by bit 0 of `word`.
     wbase: u64,
 }
@@ -55,13 +90,10 @@ struct OrderFolios<'a> {
 impl<'a> OrderFolios<'a> {
     fn new(blocks: &'a [RawBlock], first_block: usize, order: Order) -> Self {
         OrderFolios {
-            blocks,
+            words: Words::new(blocks),
             first_block,
             order,
-            bi: 0,
-            wi: 0,
             word: 0,
-            wmask: blocks.first().map_or(0, nonzero_words),
             wbase: 0,
         }
     }
@@ -69,17 +101,9 @@ impl<'a> OrderFolios<'a> {
     #[inline(always)]
     fn next(&mut self) -> Option<Located> {
         while self.word == 0 {
-            if self.wmask == 0 {
-                self.bi += 1;
-                self.wmask = nonzero_words(self.blocks.get(self.bi)?);
-                continue;
-            }
-            let wi = self.wmask.trailing_zeros() as usize;
-            self.wmask &= self.wmask - 1;
-            let b = self.blocks.get(self.bi)?;
-            self.wi = wi;
-            self.word = b.bits[wi].get();
-            self.wbase = b.base_pfn() + ((wi as u64 * 64) << self.order.get());
+            let (b, w) = self.words.next()?;
+            self.word = w;
+            self.wbase = b.base_pfn() + ((self.words.wi as u64 * 64) << self.order.get());
         }
         let bit = u64::from(self.word.trailing_zeros());
         self.word &= self.word - 1;
@@ -88,17 +112,16 @@ impl<'a> OrderFolios<'a> {
                 pfn: Pfn(self.wbase + (bit << self.order.get())),
                 order: self.order,
             },
-            block: self.first_block + self.bi,
-            bit: self.wi as u64 * 64 + bit,
+            block: self.first_block + self.words.bi,
+            bit: self.words.wi as u64 * 64 + bit,
         })
     }
-}
 
-impl<'a> OrderFolios<'a> {
     /// Feed `f` every folio up to and including PFN `limit`, and return the
     /// first folio above it (taken from the cursor) if there is one. The
     /// cursor's state lives in locals for the whole run, so the loop keeps
-    /// it in registers.
+    /// it in registers; it steps the words as [`Words::next`] does, written
+    /// out so each block's base is read once.
     #[inline(always)]
     fn run<B>(
         &mut self,
@@ -106,10 +129,15 @@ impl<'a> OrderFolios<'a> {
         mut acc: B,
         f: &mut impl FnMut(B, Located) -> B,
     ) -> (B, Option<Located>) {
-        let (blocks, first_block, order) = (self.blocks, self.first_block, self.order);
+        let (blocks, first_block, order) = (self.words.blocks, self.first_block, self.order);
         let shift = order.get();
-        let (mut bi, mut wi, mut word, mut wmask, mut wbase) =
-            (self.bi, self.wi, self.word, self.wmask, self.wbase);
+        let Words {
+            mut bi,
+            mut wi,
+            mut wmask,
+            ..
+        } = self.words;
+        let (mut word, mut wbase) = (self.word, self.wbase);
         let over = 'run: loop {
             let Some(b) = blocks.get(bi) else {
                 break None;
@@ -159,7 +187,8 @@ impl<'a> OrderFolios<'a> {
             bi += 1;
             wmask = blocks.get(bi).map_or(0, nonzero_words);
         };
-        (self.bi, self.wi, self.word, self.wmask, self.wbase) = (bi, wi, word, wmask, wbase);
+        (self.words.bi, self.words.wi, self.words.wmask) = (bi, wi, wmask);
+        (self.word, self.wbase) = (word, wbase);
         (acc, over)
     }
 }
@@ -353,26 +382,18 @@ pub(crate) struct Piece {
 /// spans words but ends at its block's boundary; callers coalesce where they
 /// need to.
 pub(crate) struct OrderRuns<'a> {
-    blocks: &'a [RawBlock],
+    words: Words<'a>,
     order: u8,
-    bi: usize,
-    wi: usize,
-    /// Bits of word `wi` not yet reported.
+    /// Bits of the word `words` loaded last not yet reported.
     word: u64,
-    /// Non-zero words of block `bi` after `wi` not yet loaded, so sparse
-    /// blocks are not scanned a word (and a branch) at a time.
-    wmask: u64,
 }
 
 impl<'a> OrderRuns<'a> {
     pub(crate) fn new(blocks: &'a [RawBlock], order: u8) -> Self {
         OrderRuns {
-            blocks,
+            words: Words::new(blocks),
             order,
-            bi: 0,
-            wi: 0,
             word: 0,
-            wmask: blocks.first().map_or(0, nonzero_words),
         }
     }
 
@@ -380,31 +401,32 @@ impl<'a> OrderRuns<'a> {
     pub(crate) fn next_piece(&mut self) -> Option<Piece> {
         loop {
             if self.word != 0 {
-                let block = self.blocks.get(self.bi)?;
+                let c = &mut self.words;
+                let block = c.blocks.get(c.bi)?;
                 let s = self.word.trailing_zeros();
                 let n = (!(self.word >> s)).trailing_zeros();
-                let start_idx = self.wi as u64 * 64 + u64::from(s);
+                let start_idx = c.wi as u64 * 64 + u64::from(s);
                 let mut end_idx = start_idx + u64::from(n);
                 if s + n >= 64 {
                     // The run reaches the word's top bit: follow it into
                     // the next words of the block.
                     self.word = 0;
-                    while self.wi + 1 < BLOCK_WORDS {
+                    while c.wi + 1 < BLOCK_WORDS {
                         // Eight full words at a time: dense maps are runs
                         // of whole blocks.
-                        if let Some(eight) = block.bits.get(self.wi + 1..self.wi + 9) {
+                        if let Some(eight) = block.bits.get(c.wi + 1..c.wi + 9) {
                             if eight.iter().fold(!0u64, |a, w| a & w.get()) == !0 {
-                                self.wi += 8;
+                                c.wi += 8;
                                 end_idx += 512;
                                 continue;
                             }
                         }
-                        let next = block.bits[self.wi + 1].get();
+                        let next = block.bits[c.wi + 1].get();
                         let ones = next.trailing_ones();
                         if ones == 0 {
                             break;
                         }
-                        self.wi += 1;
+                        c.wi += 1;
                         end_idx += u64::from(ones);
                         if ones < 64 {
                             self.word = next & !((1u64 << ones) - 1);
@@ -412,7 +434,7 @@ impl<'a> OrderRuns<'a> {
                         }
                     }
                     // Words up to `wi` are consumed.
-                    self.wmask &= (!0u64).checked_shl(self.wi as u32 + 1).unwrap_or(0);
+                    c.wmask &= (!0u64).checked_shl(c.wi as u32 + 1).unwrap_or(0);
                 } else {
                     self.word &= !(((1u64 << n) - 1) << s);
                 }
@@ -422,14 +444,7 @@ impl<'a> OrderRuns<'a> {
                     end: base + (end_idx << self.order),
                 });
             }
-            if self.wmask == 0 {
-                self.bi += 1;
-                self.wmask = nonzero_words(self.blocks.get(self.bi)?);
-                continue;
-            }
-            self.wi = self.wmask.trailing_zeros() as usize;
-            self.wmask &= self.wmask - 1;
-            self.word = self.blocks.get(self.bi)?.bits[self.wi].get();
+            self.word = self.words.next()?.1;
         }
     }
 
